@@ -1,0 +1,18 @@
+"""Context blocks: GC and its three-step framework, SNL, SE and the non-local block."""
+
+from gcnet.blocks.factory import CONTEXT_BLOCKS, ContextFactory, get_context_block
+from gcnet.blocks.global_context import ContextTransform, GlobalContext
+from gcnet.blocks.non_local import NonLocal
+from gcnet.blocks.simplified_non_local import SimplifiedNonLocal
+from gcnet.blocks.squeeze_excite import SqueezeExcite
+
+__all__ = [
+    "CONTEXT_BLOCKS",
+    "ContextFactory",
+    "ContextTransform",
+    "GlobalContext",
+    "NonLocal",
+    "SimplifiedNonLocal",
+    "SqueezeExcite",
+    "get_context_block",
+]

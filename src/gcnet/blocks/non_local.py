@@ -1,0 +1,182 @@
+"""Non-local block with the four pairwise functions of the paper, for 1D, 2D and 3D inputs.
+
+Wang et al., "Non-local Neural Networks", CVPR 2018, arXiv:1711.07971, Eqs. 1-6:
+
+    y_i = 1/C(x) sum_j f(x_i, x_j) g(x_j),    z_i = BN(W_z y_i) + x_i
+
+    gaussian:           f = exp(x_i . x_j),            C(x) = sum_j f
+    embedded_gaussian:  f = exp(theta(x_i) . phi(x_j)), C(x) = sum_j f
+    dot_product:        f = theta(x_i) . phi(x_j),     C(x) = N
+    concatenation:      f = ReLU(w_f . [theta(x_i), phi(x_j)]), C(x) = N
+
+theta, phi, g and W_z are 1x1 convolutions (Linear over channels here). With sub-sampling, phi
+(x itself for gaussian) and g are max-pooled, so N counts the pooled key positions.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from gcnet.blocks._checks import check_choice, check_input, check_positive_int, reduced_channels
+
+Mode = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
+Scale = Literal["none", "inner", "channels"]
+
+MODES: tuple[str, ...] = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
+SOFTMAX_MODES: tuple[str, ...] = ("gaussian", "embedded_gaussian")
+SCALES: tuple[str, ...] = ("none", "inner", "channels")
+SUBSAMPLE_KERNELS: dict[int, tuple[int, ...]] = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
+_MAX_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+
+
+class NonLocal(nn.Module):
+    """Non-local block: every position attends to every (optionally sub-sampled) position.
+
+    The softmax modes run through `scaled_dot_product_attention` and the dot-product mode as
+    theta (phi^T g) / N, so neither materialises the N x N matrix; `attention_map` builds it on
+    request for analysis. The concatenation mode needs the matrix of scalars f_ij. The BatchNorm
+    after W_z starts with weight and bias zero, so the block is the identity at initialisation.
+
+    Args:
+        channels: channels C of input and output.
+        mode: pairwise function: "gaussian", "embedded_gaussian" (default), "dot_product" or
+            "concatenation".
+        dims: position dims of the input: 1 (B, C, L), 2 (B, C, H, W) or 3 (B, C, T, H, W).
+        reduction: divisor of the inner channels C' = C // reduction of theta, phi, g (paper: 2).
+        subsample: max-pool phi and g with kernel 2, (2, 2) or (1, 2, 2) for 1D, 2D, 3D.
+        scale: factor on the dot products before the softmax: "none" (paper text, default),
+            "inner" (1/sqrt(C'), the paper's released code), "channels" (1/sqrt(C), timm), or a
+            positive number. Only for the softmax modes.
+        norm: BatchNorm after W_z (paper); without it W_z itself starts at zero.
+
+    Shape:
+        input and output (B, C, *positions) with `dims` position dims.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        mode: Mode = "embedded_gaussian",
+        dims: int = 2,
+        reduction: int = 2,
+        subsample: bool = False,
+        scale: Scale | float = "none",
+        norm: bool = True,
+    ) -> None:
+        super().__init__()
+        self.channels = check_positive_int("channels", channels)
+        self.mode = check_choice("mode", mode, MODES)
+        if dims not in SUBSAMPLE_KERNELS:
+            raise ValueError(f"dims must be 1, 2 or 3, got {dims!r}")
+        self.dims = dims
+        self.reduction = reduction
+        self.inner_channels = reduced_channels(channels, reduction)
+        self.subsample = subsample
+        self.scale_factor = self._scale_factor(scale)
+        self.scale = scale
+        inner = self.inner_channels
+        embedded = mode != "gaussian"
+        self.theta = nn.Linear(channels, inner) if embedded else None
+        self.phi = nn.Linear(channels, inner) if embedded else None
+        self.g = nn.Linear(channels, inner)
+        self.concat_project = nn.Linear(2 * inner, 1, bias=False) if mode == "concatenation" else None
+        self.w_z = nn.Linear(inner, channels, bias=not norm)
+        self.bn = nn.BatchNorm1d(channels) if norm else None
+        self.reset_parameters()
+
+    def _scale_factor(self, scale: Scale | float) -> float:
+        if isinstance(scale, str):
+            check_choice("scale", scale, SCALES)
+            if scale != "none" and self.mode not in SOFTMAX_MODES:
+                raise ValueError(
+                    f"scale={scale!r} applies to the softmax modes {list(SOFTMAX_MODES)}; "
+                    f"mode {self.mode!r} takes scale='none'"
+                )
+            key_dim = self.channels if self.mode == "gaussian" else self.inner_channels
+            return {"none": 1.0, "inner": key_dim**-0.5, "channels": self.channels**-0.5}[scale]
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+            raise ValueError(f"scale must be one of {list(SCALES)} or a positive number, got {scale!r}")
+        if self.mode not in SOFTMAX_MODES:
+            raise ValueError(f"a numeric scale applies to the softmax modes {list(SOFTMAX_MODES)}, not {self.mode!r}")
+        return float(scale)
+
+    def reset_parameters(self) -> None:
+        """Released-code initialisation: projections N(0, 0.01), biases 0, BN (or W_z) zero."""
+        for layer in (self.theta, self.phi, self.g, self.concat_project, self.w_z):
+            if layer is not None:
+                nn.init.normal_(layer.weight, std=0.01)
+                if layer.bias is not None:
+                    nn.init.zeros_(layer.bias)
+        if self.bn is None:
+            nn.init.zeros_(self.w_z.weight)
+        else:
+            self.bn.reset_parameters()
+            nn.init.zeros_(self.bn.weight)
+            nn.init.zeros_(self.bn.bias)
+
+    def _keys(self, x: Tensor, project: nn.Linear | None) -> Tensor:
+        """Key-side features (B, Nk, C'): projected, then max-pooled when sub-sampling."""
+        positions = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        features = positions if project is None else project(positions)  # (B, N, C')
+        if not self.subsample:
+            return features.contiguous()
+        B, _, D = features.shape
+        spatial = features.transpose(1, 2).reshape(B, D, *x.shape[2:])  # (B, C', *positions)
+        kernel = SUBSAMPLE_KERNELS[self.dims]
+        pooled = _MAX_POOLS[self.dims](spatial, kernel, kernel)  # (B, C', *pooled)
+        return pooled.flatten(2).transpose(1, 2).contiguous()  # (B, Nk, C')
+
+    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, N, D), keys (B, Nk, D) and values (B, Nk, C') of the pairwise function."""
+        check_input(type(self).__name__, x, self.channels, (self.dims + 2,))
+        if self.subsample:
+            kernel = SUBSAMPLE_KERNELS[self.dims]
+            if any(size < k for size, k in zip(x.shape[2:], kernel)):
+                raise ValueError(
+                    f"subsample=True pools by {kernel}; expected position dims >= {kernel}, "
+                    f"got {tuple(x.shape[2:])}"
+                )
+        positions = x.flatten(2).transpose(1, 2)  # (B, N, C)
+        queries = positions.contiguous() if self.theta is None else self.theta(positions)
+        return queries, self._keys(x, self.phi), self._keys(x, self.g)
+
+    def _concat_logits(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """w_f . [theta_i, phi_j] = a . theta_i + b . phi_j, as a (B, N, Nk) matrix."""
+        assert self.concat_project is not None
+        a, b = self.concat_project.weight.split(self.inner_channels, dim=1)  # (1, C') each
+        return F.linear(queries, a) + F.linear(keys, b).transpose(1, 2)  # (B, N, 1) + (B, 1, Nk)
+
+    def attention_map(self, x: Tensor) -> Tensor:
+        """Normalised pairwise weights f(x_i, x_j) / C(x), (B, N, Nk); rows of the softmax modes sum to 1."""
+        queries, keys, _ = self._embed(x)
+        if self.mode in SOFTMAX_MODES:
+            return (torch.bmm(queries, keys.transpose(1, 2)) * self.scale_factor).softmax(dim=-1)
+        if self.mode == "dot_product":
+            return torch.bmm(queries, keys.transpose(1, 2)) / keys.shape[1]
+        return F.relu(self._concat_logits(queries, keys)) / keys.shape[1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        queries, keys, values = self._embed(x)
+        if self.mode in SOFTMAX_MODES:
+            y = F.scaled_dot_product_attention(
+                queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), scale=self.scale_factor
+            ).squeeze(1)  # (B, N, C')
+        elif self.mode == "dot_product":
+            y = torch.bmm(queries, torch.bmm(keys.transpose(1, 2), values)) / keys.shape[1]
+        else:
+            weights = F.relu(self._concat_logits(queries, keys)) / keys.shape[1]  # (B, N, Nk)
+            y = torch.bmm(weights, values)
+        out = self.w_z(y).transpose(1, 2)  # (B, C, N)
+        if self.bn is not None:
+            out = self.bn(out)
+        return x + out.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return (
+            f"channels={self.channels}, mode={self.mode!r}, dims={self.dims}, reduction={self.reduction}, "
+            f"subsample={self.subsample}, scale={self.scale!r}"
+        )
