@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 
@@ -33,7 +34,13 @@ def reduced_channels(channels: int, reduction: int) -> int:
 
 
 def check_input(block: str, x: Tensor, channels: int, ranks: tuple[int, ...]) -> None:
-    """Raise if `x` is not a float (B, C, *positions) tensor of the expected rank and channels."""
+    """Raise if `x` is not a float (B, C, *positions) tensor of the expected rank and channels.
+
+    Skipped while tracing: the example input was checked when it ran, and the checks would
+    only add data-dependent branches to the trace.
+    """
+    if torch.jit.is_tracing():
+        return
     if not isinstance(x, Tensor):
         raise TypeError(f"{block} expects a torch.Tensor, got {type(x).__name__}")
     if x.dim() not in ranks:

@@ -133,7 +133,7 @@ class NonLocal(nn.Module):
     def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Queries (B, N, D), keys (B, Nk, D) and values (B, Nk, C') of the pairwise function."""
         check_input(type(self).__name__, x, self.channels, (self.dims + 2,))
-        if self.subsample:
+        if self.subsample and not torch.jit.is_tracing():
             kernel = SUBSAMPLE_KERNELS[self.dims]
             if any(size < k for size, k in zip(x.shape[2:], kernel)):
                 raise ValueError(

@@ -1,0 +1,147 @@
+import pytest
+import torch
+from torch.func import functional_call
+
+from gcnet.blocks import NonLocal
+from tests.blocks.reference import non_local_reference, randomize_
+from tests.blocks.shapes import SHAPES, sample
+
+MODES = ["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
+
+
+def build(mode: str, dims: int, **options) -> NonLocal:
+    return randomize_(NonLocal(8, mode=mode, dims=dims, **options)).double().eval()
+
+
+@pytest.mark.parametrize("subsample", [False, True], ids=["full", "subsample"])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_matches_paper_reference(mode: str, dims: int, subsample: bool) -> None:
+    block = build(mode, dims, subsample=subsample)
+    x = sample(dims)
+    expected, maps = non_local_reference(block, x)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(block.attention_map(x), maps, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("scale", ["inner", "channels", 0.3])
+@pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
+def test_softmax_scale_options(mode: str, scale) -> None:
+    block = build(mode, 2, scale=scale)
+    key_dim = 8 if mode == "gaussian" else 4
+    factor = {"inner": key_dim**-0.5, "channels": 8**-0.5}.get(scale, scale)
+    assert block.scale_factor == pytest.approx(factor)
+    x = sample(2)
+    expected, _ = non_local_reference(block, x)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-10)
+
+
+def test_without_norm_w_z_has_bias_and_starts_at_zero() -> None:
+    block = NonLocal(8, norm=False)
+    assert block.bn is None and block.w_z.bias is not None
+    x = torch.randn(2, 8, 4, 4)
+    assert torch.equal(block(x), x)
+    randomize_(block).double()
+    expected, _ = non_local_reference(block, sample(2))
+    torch.testing.assert_close(block(sample(2)), expected, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_gradcheck_input_and_parameters(mode: str, dims: int) -> None:
+    block = build(mode, dims, subsample=dims != 1).train()
+    x = sample(dims).requires_grad_(True)
+    names = [n for n, _ in block.named_parameters()]
+    params = [p.detach().clone().requires_grad_(True) for p in block.parameters()]
+
+    def fn(x, *params):
+        return functional_call(block, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_identity_at_init(mode: str, dims: int, norm: bool) -> None:
+    block = NonLocal(8, mode=mode, dims=dims, subsample=True, norm=norm).train()
+    x = sample(dims, torch.float32)
+    assert torch.equal(block(x), x)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_permuting_positions_permutes_the_output(mode: str) -> None:
+    block = build(mode, 2)
+    x = torch.randn(2, 8, 5, 6, dtype=torch.float64)
+    perm = torch.randperm(30)
+    permuted = x.flatten(2)[:, :, perm].reshape(x.shape)
+    torch.testing.assert_close(block(permuted).flatten(2), block(x).flatten(2)[:, :, perm], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_samples_do_not_depend_on_each_other(mode: str) -> None:
+    block = build(mode, 2, subsample=True)
+    x = torch.randn(4, 8, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(block(x)[1:3], block(x[1:3]), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("subsample", [False, True])
+@pytest.mark.parametrize("mode", MODES)
+def test_channels_last_gives_the_same_result(mode: str, subsample: bool) -> None:
+    block = build(mode, 2, subsample=subsample)
+    x = torch.randn(2, 8, 6, 4, dtype=torch.float64)
+    torch.testing.assert_close(block(x.contiguous(memory_format=torch.channels_last)), block(x), rtol=0, atol=1e-12)
+    block3 = build(mode, 3, subsample=subsample)
+    x3 = torch.randn(2, 8, 2, 4, 4, dtype=torch.float64)
+    out = block3(x3.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(out, block3(x3), rtol=0, atol=1e-12)
+
+
+def test_softmax_rows_sum_to_one_and_odd_sizes_pool_by_floor() -> None:
+    block = build("embedded_gaussian", 2, subsample=True)
+    x = torch.randn(1, 8, 5, 7, dtype=torch.float64)
+    maps = block.attention_map(x)
+    assert maps.shape == (1, 35, 2 * 3)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(1, 35, dtype=x.dtype))
+    expected, _ = non_local_reference(block, x)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-10)
+
+
+def test_parameter_count() -> None:
+    block = NonLocal(1024, reduction=2)
+    # theta, phi, g: C x C/2 + C/2 each; W_z: C/2 x C (no bias before BN); BN: 2C.
+    assert sum(p.numel() for p in block.parameters()) == 3 * (1024 * 512 + 512) + 512 * 1024 + 2 * 1024
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(mode="cosine"), ValueError, r"unknown mode 'cosine'; expected one of \['gaussian', 'embedded_gaussian', 'dot_product', 'concatenation'\]"),
+        (dict(dims=4), ValueError, "dims must be 1, 2 or 3, got 4"),
+        (dict(reduction=9), ValueError, "reduction=9 leaves no channels for channels=8"),
+        (dict(scale="sqrt"), ValueError, r"unknown scale 'sqrt'; expected one of \['none', 'inner', 'channels'\]"),
+        (dict(scale=-1.0), ValueError, "positive number, got -1.0"),
+        (dict(mode="dot_product", scale="inner"), ValueError, "scale='inner' applies to the softmax modes"),
+    ],
+)
+def test_bad_arguments_are_named(kwargs: dict, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        NonLocal(8, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "block,x,error,match",
+    [
+        (NonLocal(8, dims=2), torch.randn(2, 8, 4, 4, 4), ValueError, r"expects input \(B, C, H, W\), got shape \(2, 8, 4, 4, 4\)"),
+        (NonLocal(8, dims=3), torch.randn(2, 8, 4, 4), ValueError, r"expects input \(B, C, T, H, W\)"),
+        (NonLocal(8, dims=1), torch.randn(2, 6, 5), ValueError, r"expects 8 channels \(dim 1\), got 6"),
+        (NonLocal(8, dims=2), torch.randn(2, 8, 4, 0), ValueError, "non-empty input"),
+        (NonLocal(8, dims=2), torch.zeros(2, 8, 4, 4, dtype=torch.int32), TypeError, "floating-point input, got dtype torch.int32"),
+        (NonLocal(8, dims=2, subsample=True), torch.randn(2, 8, 1, 4), ValueError, r"pools by \(2, 2\); expected position dims >= \(2, 2\), got \(1, 4\)"),
+    ],
+)
+def test_bad_input_is_named(block: NonLocal, x: torch.Tensor, error: type, match: str) -> None:
+    with pytest.raises(error, match=match):
+        block(x)
+    with pytest.raises(error, match=match):
+        block.attention_map(x)
