@@ -7,6 +7,7 @@ from gcnet.blocks import (
     SqueezeExcite,
     get_context_block,
 )
+from gcnet.models import create_model, list_models
 
 __version__ = "0.1.0"
 
@@ -16,5 +17,7 @@ __all__ = [
     "SimplifiedNonLocal",
     "SqueezeExcite",
     "__version__",
+    "create_model",
     "get_context_block",
+    "list_models",
 ]

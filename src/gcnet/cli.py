@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 # Modules that add a subcommand; each sets `handler` (Namespace -> exit status) as a parser default.
 COMMAND_MODULES: list[str] = [
+    "gcnet.analysis.info",
     "gcnet.tour",
 ]
 

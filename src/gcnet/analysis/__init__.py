@@ -1,0 +1,1 @@
+"""Analysis tools: complexity (params, FLOPs); attention maps and statistics live beside it."""
