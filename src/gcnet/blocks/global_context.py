@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gcnet.blocks._checks import check_choice, check_input, check_positive_int, reduced_channels
+from gcnet.blocks._fused import AttentionPoolAdd, attention_logits, fused_enabled, weighted_pool
 
 Pooling = Literal["attention", "average"]
 Fusion = Literal["add", "scale", "both"]
@@ -139,17 +140,21 @@ class GlobalContext(nn.Module):
         if self.key is None:
             B, _, N = positions.shape
             return positions.new_full((B, 1, N), 1.0 / N)
-        logits = torch.matmul(self.key.weight, positions) + self.key.bias.view(1, 1, 1)  # (B, 1, N)
-        return logits.softmax(dim=-1)
+        return attention_logits(positions, self.key.weight, self.key.bias).softmax(dim=-1)  # (B, 1, N)
 
     def _pool(self, positions: Tensor) -> Tensor:
         if self.key is None:
             return positions.mean(dim=-1)  # (B, C)
-        weights = self._weights(positions)  # (B, 1, N)
-        return torch.matmul(positions, weights.transpose(1, 2)).squeeze(-1)  # (B, C)
+        return weighted_pool(positions, self._weights(positions))  # (B, C)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)
+        if self.key is not None and self.scale_transform is None and self.add_transform is not None:
+            params = [p for p in (getattr(layer, name, None) for layer in self.add_transform
+                                  for name in ("weight", "bias")) if p is not None]
+            if fused_enabled(x, self.key.weight, self.key.bias, *params):
+                # Attention pooling + add: one autograd function, backward in one pass over x.
+                return AttentionPoolAdd.apply(x, self.key.weight, self.key.bias, self.add_transform, *params)
         context = self._pool(x.flatten(2))  # (B, C)
         broadcast = context.shape + (1,) * (x.dim() - 2)  # (B, C, 1, ...)
         add = None if self.add_transform is None else self.add_transform(context).view(broadcast)

@@ -1,0 +1,133 @@
+"""Shared helpers of the benchmark scripts: interleaved timing, peak memory in a fresh process, tables.
+
+Timings are medians over rounds in which every case runs once, in turn, so load from other
+processes hits all cases of a table alike; ratios within one table are the numbers to trust.
+Peak memory is the growth of the resident set (VmHWM after clearing it) while one case runs once,
+in a fresh interpreter per case, so no cached allocation of an earlier case hides it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+
+def load() -> str:
+    """The 1/5/15-minute load averages, e.g. '0.52 0.61 0.40'."""
+    try:
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    except OSError:
+        return "n/a"
+
+
+def environment() -> dict[str, str]:
+    """Machine and versions, for the header of a result."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    info = {
+        "cpu": f"{cpu} ({os.cpu_count()} logical cores)",
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": str(torch.get_num_threads()),
+    }
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        info["timm"] = "not installed"
+    return info
+
+
+@dataclass
+class Timing:
+    """Seconds of each round for one case."""
+
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median_ms(self) -> float:
+        return statistics.median(self.seconds) * 1e3
+
+
+def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, Timing]:
+    """Run every case once per round, in turn; return the timings of the rounds after `warmup`."""
+    timings = {name: Timing() for name in cases}
+    for round_index in range(warmup + rounds):
+        for name, run in cases.items():
+            start = time.perf_counter()
+            run()
+            elapsed = time.perf_counter() - start
+            if round_index >= warmup:
+                timings[name].seconds.append(elapsed)
+    return timings
+
+
+def _rss_kib(field_name: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def peak_growth_mib(run: Callable[[], object]) -> float:
+    """Growth of the resident set's high-water mark (MiB) while `run` runs once, in this process."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    run()
+    return (_rss_kib("VmHWM") - before) / 1024
+
+
+def memory_in_subprocesses(module: str, specs: Sequence[str], workers: int = 2) -> dict[str, float | str]:
+    """Run `python -m module --memory-case SPEC` for each spec (a few at once); peak MiB per spec.
+
+    Memory does not depend on timing, so the fresh processes may run side by side.
+    """
+    results: dict[str, float | str] = {}
+    pending = list(specs)
+    running: list[tuple[str, subprocess.Popen]] = []
+    while pending or running:
+        while pending and len(running) < workers:
+            spec = pending.pop(0)
+            command = [sys.executable, "-m", module, "--memory-case", spec]
+            process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            running.append((spec, process))
+        spec, process = running.pop(0)
+        out, err = process.communicate()
+        if process.returncode != 0:
+            results[spec] = "failed: " + (err.strip().splitlines() or ["?"])[-1][:80]
+            continue
+        results[spec] = float(json.loads(out.strip().splitlines()[-1])["peak_mib"])
+    return results
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A GitHub markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def ms(value: float) -> str:
+    return f"{value:.2f}" if value < 100 else f"{value:.1f}"
+
+
+def ratio(value: float) -> str:
+    return f"{value:.2f}x"

@@ -1,0 +1,401 @@
+"""Block benchmarks: GC (and SNL, SE) against the memory floor, a naive form and timm; NL likewise.
+
+    python -m benchmarks.blocks            # full run (a few minutes on 2 cores)
+    python -m benchmarks.blocks --quick    # tiny shapes, a smoke run of every code path
+    python -m benchmarks.blocks --suite gc --compile   # add torch.compile'd GC rows
+
+The memory floor of a GC block is one pass over x to pool and one to add: x + x.sum(positions)
+broadcast. Forward is timed under no_grad in eval mode; forward+backward in train mode with x and
+all parameters requiring grad. Peak memory is the growth of the resident set while one case runs
+once, each in a fresh process (`--memory-case` is that process's entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from benchmarks._common import (
+    environment,
+    interleaved,
+    load,
+    markdown_table,
+    memory_in_subprocesses,
+    ms,
+    peak_growth_mib,
+    ratio,
+)
+from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite
+from gcnet.blocks import _fused
+
+try:
+    import timm.layers as timm_layers
+except ImportError:  # timm is the `bench` extra; its rows are left out without it
+    timm_layers = None
+
+Shape = tuple[int, ...]
+
+GC_SHAPES: dict[bool, list[Shape]] = {
+    False: [(32, 256, 56, 56), (32, 512, 28, 28), (32, 1024, 14, 14), (32, 2048, 7, 7), (4, 1024, 8, 14, 14)],
+    True: [(4, 32, 16, 16), (2, 64, 2, 4, 4)],
+}
+NL_SHAPES: dict[bool, list[Shape]] = {
+    False: [(2, 256, 64, 64), (1, 64, 128, 128), (32, 1024, 14, 14), (4, 1024, 8, 14, 14)],
+    True: [(1, 8, 16, 16), (1, 8, 2, 4, 4)],
+}
+# 1x64x128x128 is the case issue 2 asks about: the naive form needs 1 GiB per N x N matrix.
+
+
+def shape_name(shape: Shape) -> str:
+    return "x".join(map(str, shape))
+
+
+def randomize_(module: nn.Module) -> nn.Module:
+    """Non-zero weights everywhere (zero-init layers would short-cut nothing, but keep it honest)."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in module.parameters():
+            param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    return module
+
+
+# --- GC family ---------------------------------------------------------------------------------
+
+
+class Floor(nn.Module):
+    """The memory floor of a GC block: one pass to pool, one to add."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + x.sum(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+class NaiveGlobalContext(nn.Module):
+    """GC as mmcv's ContextBlock writes it (1x1 conv mask, 4D matmul, transform).
+
+    Shares `block`'s weights, so its output equals the block's.
+    """
+
+    def __init__(self, block: GlobalContext) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, C = x.shape[:2]
+        key = self.block.key
+        conv = {4: F.conv2d, 5: F.conv3d}[x.dim()]
+        mask = conv(x, key.weight.view(1, C, *([1] * (x.dim() - 2))), key.bias)  # (B, 1, *positions)
+        mask = mask.view(B, 1, -1).softmax(dim=2).unsqueeze(-1)  # (B, 1, N, 1)
+        context = torch.matmul(x.view(B, C, -1).unsqueeze(1), mask).view(B, C)  # (B, 1, C, N) @ (B, 1, N, 1)
+        term = self.block.add_transform(context)  # (B, C)
+        return x + term.view(B, C, *([1] * (x.dim() - 2)))
+
+
+class TimmGlobalContext(nn.Module):
+    """timm's GlobalContext(fuse_add=True, fuse_scale=False), r16, weights copied from `block`.
+
+    timm's block is 2D only; a 3D input is viewed as (B, C, T*H, W), the same pooling over all
+    positions at no cost.
+    """
+
+    def __init__(self, block: GlobalContext) -> None:
+        super().__init__()
+        C = block.channels
+        self.inner = timm_layers.GlobalContext(
+            C, fuse_add=True, fuse_scale=False, rd_channels=C // block.reduction
+        )
+        transform = block.add_transform
+        with torch.no_grad():
+            self.inner.conv_attn.weight.copy_(block.key.weight.view(1, C, 1, 1))
+            self.inner.conv_attn.bias.copy_(block.key.bias)
+            mlp = self.inner.mlp_add
+            mlp.fc1.weight.copy_(transform[0].weight[..., None, None])
+            mlp.fc1.bias.copy_(transform[0].bias)
+            mlp.norm.weight.copy_(transform[1].weight)
+            mlp.norm.bias.copy_(transform[1].bias)
+            mlp.norm.eps = transform[1].eps  # timm's LayerNorm2d defaults to 1e-6
+            mlp.fc2.weight.copy_(transform[3].weight[..., None, None])
+            mlp.fc2.bias.copy_(transform[3].bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 5:
+            B, C, T, H, W = x.shape
+            return self.inner(x.view(B, C, T * H, W)).view(B, C, T, H, W)
+        return self.inner(x)
+
+
+class WithoutFastPath(nn.Module):
+    """Run `block` on its plain composite autograd path (gcnet.blocks._fused disabled)."""
+
+    def __init__(self, block: nn.Module) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        with _fused.disabled():
+            return self.block(x)
+
+
+def gc_cases(shape: Shape, compile_: bool = False) -> dict[str, nn.Module]:
+    C = shape[1]
+    gc = randomize_(GlobalContext(C, reduction=16))
+    cases: dict[str, nn.Module] = {
+        "floor (x + x.sum over positions)": Floor(),
+        "gcnet GC r16 (add)": gc,
+        "gcnet GC, composite autograd": WithoutFastPath(gc),
+        "naive GC (mmcv-style)": NaiveGlobalContext(gc),
+    }
+    if timm_layers is not None:
+        cases["timm GlobalContext (add, r16)"] = TimmGlobalContext(gc)
+    cases["gcnet SNL"] = randomize_(SimplifiedNonLocal(C))
+    cases["gcnet SE r16"] = randomize_(SqueezeExcite(C, reduction=16))
+    if compile_:
+        cases["gcnet GC, torch.compile"] = torch.compile(gc)
+    return cases
+
+
+# --- NL ------------------------------------------------------------------------------------------
+
+
+class NaiveNonLocal(nn.Module):
+    """The embedded Gaussian NL as the released code writes it: theta^T phi as an N x N matrix, softmax, @ g.
+
+    Shares `block`'s weights (theta, phi, g, W_z, BN), so its output equals the block's.
+    """
+
+    def __init__(self, block: NonLocal) -> None:
+        super().__init__()
+        self.block = block
+
+    def forward(self, x: Tensor) -> Tensor:
+        block = self.block
+        positions = x.flatten(2)  # (B, C, N)
+
+        def project(layer: nn.Linear) -> Tensor:
+            return torch.matmul(layer.weight, positions) + layer.bias[:, None]  # (B, C', N)
+
+        theta, phi, g = project(block.theta), project(block.phi), project(block.g)
+        f = torch.bmm(theta.transpose(1, 2), phi) * block.scale_factor  # (B, N, N)
+        y = torch.bmm(f.softmax(dim=-1), g.transpose(1, 2))  # (B, N, C')
+        out = block.w_z(y).transpose(1, 2)  # (B, C, N)
+        return x + block.bn(out).view(x.shape)
+
+
+class TimmNonLocal(nn.Module):
+    """timm's NonLocalAttn with C' = C/2 and no scaling (the NL paper's embedded Gaussian); 2D only."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        inner = timm_layers.NonLocalAttn(channels, use_scale=False, rd_channels=channels // 2)
+        self.inner = randomize_(inner)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner(x)
+
+
+def nl_cases(shape: Shape) -> dict[str, nn.Module]:
+    C, dims = shape[1], len(shape) - 2
+    nl = randomize_(NonLocal(C, mode="embedded_gaussian", dims=dims))
+    cases: dict[str, nn.Module] = {"gcnet NL (SDPA)": nl, "naive NL (N x N bmm)": NaiveNonLocal(nl)}
+    # timm's form is 2D only, and at 128x128 one naive (N x N) form is enough to wait for.
+    if timm_layers is not None and dims == 2 and math.prod(shape[2:]) < 16384:
+        cases["timm NonLocalAttn (C'=C/2, no scale)"] = TimmNonLocal(C)
+    return cases
+
+
+# --- running -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Case:
+    """One module on one input, runnable as forward (no_grad, eval) or forward+backward (train)."""
+
+    module: nn.Module
+    x: Tensor
+    grad: Tensor
+
+    def forward(self) -> Tensor:
+        self.module.eval()
+        with torch.no_grad():
+            return self.module(self.x)
+
+    def forward_backward(self) -> None:
+        self.module.train()
+        self.x.grad = None
+        self.module.zero_grad(set_to_none=True)
+        self.module(self.x).backward(self.grad)
+
+
+def make_inputs(shape: Shape) -> tuple[Tensor, Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=generator).requires_grad_(True)
+    return x, torch.randn(shape, generator=generator)
+
+
+def build(suite: str, shape: Shape, compile_: bool = False) -> dict[str, nn.Module]:
+    return gc_cases(shape, compile_) if suite == "gc" else nl_cases(shape)
+
+
+# Cases computing the same function with the same weights: their outputs must agree.
+SAME_FUNCTION = ("gcnet GC", "naive GC", "timm GlobalContext", "gcnet NL", "naive NL")
+
+
+def check_agreement(cases: dict[str, nn.Module], x: Tensor) -> float:
+    """Largest |difference| between the outputs of the cases that share weights (eval mode)."""
+    outputs = []
+    with torch.no_grad():
+        for name, module in cases.items():
+            if name.startswith(SAME_FUNCTION) and "compile" not in name:
+                outputs.append(module.eval()(x))
+    return max((float((o - outputs[0]).abs().max()) for o in outputs[1:]), default=0.0)
+
+
+def run_memory_case(spec: str, threads: int) -> None:
+    """Entry of the fresh process: build one case, print {"peak_mib": ...} for one run."""
+    torch.set_num_threads(threads)
+    suite, shape_text, name, mode = spec.split(":")
+    shape = tuple(int(s) for s in shape_text.split("x"))
+    x, grad = make_inputs(shape)
+    case = Case(build(suite, shape)[name], x, grad)
+    run = case.forward if mode == "fwd" else case.forward_backward
+    print(json.dumps({"peak_mib": peak_growth_mib(run)}))
+
+
+def bench_shape(suite: str, shape: Shape, rounds: int, memory: bool, compile_: bool, quick: bool) -> dict:
+    x, grad = make_inputs(shape)
+    modules = build(suite, shape, compile_)
+    cases = {name: Case(module, x, grad) for name, module in modules.items()}
+    load_before = load()
+    agreement = check_agreement(modules, x.detach())
+    warmup = 2 if suite == "gc" else 1
+    forward = interleaved({n: c.forward for n, c in cases.items()}, max(rounds, 2), warmup)
+    backward = interleaved({n: c.forward_backward for n, c in cases.items()}, rounds, warmup)
+    peaks: dict[str, float | str] = {}
+    if memory:
+        names = [n for n in cases if "compile" not in n]
+        names = names[:2] if quick else names
+        specs = [f"{suite}:{shape_name(shape)}:{n}:{m}" for n in names for m in ("fwd", "fb")]
+        peaks = memory_in_subprocesses("benchmarks.blocks", specs, workers=2 if suite == "gc" else 1)
+        peaks = {k.split(":", 2)[2]: v for k, v in peaks.items()}  # "name:mode" -> MiB
+    rows = []
+    for name in cases:
+        rows.append(
+            {
+                "case": name,
+                "fwd_ms": forward[name].median_ms,
+                "fb_ms": backward[name].median_ms,
+                "peak_fwd_mib": peaks.get(f"{name}:fwd"),
+                "peak_fb_mib": peaks.get(f"{name}:fb"),
+            }
+        )
+    return {
+        "suite": suite,
+        "shape": shape_name(shape),
+        "load_before": load_before,
+        "load_after": load(),
+        "max_abs_diff": agreement,
+        "x_mib": x.numel() * x.element_size() / 2**20,
+        "rows": rows,
+    }
+
+
+def format_memory(value: float | str | None) -> str:
+    if value is None:
+        return "-"
+    return value if isinstance(value, str) else f"{value:.0f}"
+
+
+def format_result(result: dict) -> str:
+    rows = result["rows"]
+    title = (
+        f"{result['suite'].upper()} {result['shape']} (x: {result['x_mib']:.0f} MiB; "
+        f"load {result['load_before']} -> {result['load_after']}; "
+        f"outputs agree to {result['max_abs_diff']:.1e})"
+    )
+    if result["suite"] == "gc":
+        floor = rows[0]
+        timm_fb = next((r["fb_ms"] for r in rows if r["case"].startswith("timm")), None)
+        header = ["case", "fwd ms", "fwd / floor", "fwd+bwd ms", "fwd+bwd / floor fwd",
+                  "fwd+bwd / floor fwd+bwd", "timm fwd+bwd / this", "peak fwd MiB", "peak fwd+bwd MiB"]
+        table = [
+            [
+                r["case"], ms(r["fwd_ms"]), ratio(r["fwd_ms"] / floor["fwd_ms"]), ms(r["fb_ms"]),
+                ratio(r["fb_ms"] / floor["fwd_ms"]), ratio(r["fb_ms"] / floor["fb_ms"]),
+                "-" if timm_fb is None else ratio(timm_fb / r["fb_ms"]),
+                format_memory(r["peak_fwd_mib"]), format_memory(r["peak_fb_mib"]),
+            ]
+            for r in rows
+        ]
+    else:
+        naive = next(r for r in rows if r["case"].startswith("naive"))
+        header = ["case", "fwd ms", "naive fwd / this", "fwd+bwd ms", "naive fwd+bwd / this",
+                  "peak fwd MiB", "peak fwd+bwd MiB"]
+        table = [
+            [
+                r["case"], ms(r["fwd_ms"]), ratio(naive["fwd_ms"] / r["fwd_ms"]), ms(r["fb_ms"]),
+                ratio(naive["fb_ms"] / r["fb_ms"]),
+                format_memory(r["peak_fwd_mib"]), format_memory(r["peak_fb_mib"]),
+            ]
+            for r in rows
+        ]
+    return f"#### {title}\n\n{markdown_table(header, table)}\n"
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, 2 rounds: a smoke run")
+    parser.add_argument("--suite", choices=["gc", "nl", "all"], default="all")
+    parser.add_argument(
+        "--rounds", type=int, default=None,
+        help="timed rounds per case (default 9 GC, 3 NL, 1 NL at 128x128; 2 quick)",
+    )
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument(
+        "--compile", action="store_true", help="add torch.compile'd GC rows (compiles per shape)"
+    )
+    parser.add_argument("--shape", action="append", help="only these shapes, e.g. 32x256x56x56 (repeatable)")
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument("--memory-case", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.memory_case:
+        run_memory_case(args.memory_case, args.threads)
+        return []
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(" | ".join(f"{k}: {v}" for k, v in environment().items()), f"| load: {load()}\n", flush=True)
+    results = []
+    plan: list[tuple[str, Shape]] = []
+    if args.suite in ("gc", "all"):
+        plan += [("gc", s) for s in GC_SHAPES[args.quick]]
+    if args.suite in ("nl", "all"):
+        plan += [("nl", s) for s in NL_SHAPES[args.quick]]
+    if args.shape:
+        plan = [(suite, shape) for suite, shape in plan if shape_name(shape) in args.shape]
+    for suite, shape in plan:
+        # NL at 128x128 takes seconds per run (the naive form multiplies 16384 x 16384 matrices).
+        huge = suite == "nl" and math.prod(shape[2:]) >= 16384
+        rounds = args.rounds or (2 if args.quick else 9 if suite == "gc" else 1 if huge else 3)
+        # Quick mode measures memory once per suite (fresh processes cost seconds each).
+        first = shape == (GC_SHAPES if suite == "gc" else NL_SHAPES)[args.quick][0]
+        memory = not args.no_memory and (first or not args.quick)
+        result = bench_shape(suite, shape, rounds, memory, args.compile and suite == "gc", args.quick)
+        results.append(result)
+        print(format_result(result), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "results": results}, f, indent=1)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

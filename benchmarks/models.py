@@ -1,0 +1,121 @@
+"""Whole-model cost of the context blocks: ResNet-50 vs + GC r16 (c3-c5) vs + SE r16 (every block).
+
+    python -m benchmarks.models            # batch 16, 224x224: train step and inference, interleaved
+    python -m benchmarks.models --quick    # batch 2, 64x64: a smoke run
+
+A train step is forward, cross-entropy, backward and an SGD (momentum) step; inference is forward
+under no_grad in eval mode. The models run in turn within every round, so load from other
+processes hits them alike; the ratios to ResNet-50 are the numbers to read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from benchmarks._common import environment, interleaved, load, markdown_table, ms, ratio
+from gcnet.models import create_model
+
+C3_C5 = (False, True, True, True)
+MODELS: dict[str, dict] = {
+    "ResNet-50": {},
+    "ResNet-50 + GC r16 (c3-c5)": {"context": "gc", "reduction": 16, "stages": C3_C5},
+    "ResNet-50 + SE r16 (all stages)": {"context": "se", "reduction": 16, "stages": (True, True, True, True)},
+}
+
+
+def train_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, images: torch.Tensor, labels: torch.Tensor
+) -> Callable[[], None]:
+    def run() -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        optimizer.step()
+
+    return run
+
+
+def inference(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
+    def run() -> None:
+        model.eval()
+        with torch.no_grad():
+            model(images)
+
+    return run
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="batch 2 at 64x64, 2 rounds: a smoke run")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 2 quick)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--channels-last", action="store_true", help="models and images in channels_last memory"
+    )
+    parser.add_argument("--json", help="also write the results as JSON to this path")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    batch, size = (2, 64) if args.quick else (args.batch, args.size)
+    rounds = args.rounds or (2 if args.quick else 3)
+    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
+    print(" | ".join(f"{k}: {v}" for k, v in environment().items()), f"| load: {load()}\n", flush=True)
+
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 1000, (batch,))
+    train, infer, params = {}, {}, {}
+    for name, options in MODELS.items():
+        model = create_model("resnet50", **options).to(memory_format=memory_format)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        train[name] = train_step(model, optimizer, images, labels)
+        infer[name] = inference(model, images)
+        params[name] = sum(p.numel() for p in model.parameters())
+
+    load_before = load()
+    train_times = interleaved(train, rounds, warmup=1)
+    infer_times = interleaved(infer, rounds, warmup=1)
+    base = next(iter(MODELS))
+    rows = [
+        {
+            "model": name,
+            "params": params[name],
+            "train_ms": train_times[name].median_ms,
+            "infer_ms": infer_times[name].median_ms,
+        }
+        for name in MODELS
+    ]
+    table = [
+        [
+            r["model"], f"{r['params'] / 1e6:.2f}M",
+            ms(r["train_ms"]), ratio(r["train_ms"] / rows[0]["train_ms"]),
+            ms(r["infer_ms"]), ratio(r["infer_ms"] / rows[0]["infer_ms"]),
+        ]
+        for r in rows
+    ]
+    layout = "channels_last" if args.channels_last else "NCHW"
+    print(f"#### batch {batch}, {size}x{size}, {layout}, {rounds} rounds (load {load_before} -> {load()})\n")
+    header = ["model", "params", "train step ms", f"vs {base}", "inference ms", f"vs {base}"]
+    print(markdown_table(header, table), flush=True)
+    result = {
+        "batch": batch, "size": size, "layout": layout,
+        "load_before": load_before, "load_after": load(), "rows": rows,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"environment": environment(), "result": result}, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,190 @@
+"""Fast paths for the context blocks: attention pooling + add fusion (GC, SNL) and an NL attention backward.
+
+Cao et al., "GCNet", arXiv:1904.11492: z = x + delta(sum_j alpha_j x_j), alpha = softmax_j(W_k x_j + b_k).
+
+The block is memory-bound: its work is a few passes over x. Plain autograd spends more passes than
+the math needs (it sums the gradient coming from the add with the one coming from the pooling, and
+routes the pooling gradient through transposed temporaries). The function here keeps x, the (B, N)
+weights and the small graph of the transform on (B, C) vectors, and its backward makes
+grad_x = grad_out + [grad_context, W_k] @ [alpha; grad_logits] in one baddbmm pass.
+`BlockwiseAttention` keeps SDPA's forward for the non-local block and replaces CPU flash
+attention's slow backward (small head dims) by bmm over blocks of query rows.
+
+Only eager mode with gradients takes it: under tracing, scripting, ONNX export, torch.compile,
+functorch transforms, or when nothing needs a gradient, the blocks run their plain composite path
+(which computes the same numbers). Double backward is not supported here (once_differentiable).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+
+_ENABLED = True
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """Run the blocks on their plain composite path (benchmarks compare the two)."""
+    global _ENABLED
+    previous, _ENABLED = _ENABLED, False
+    try:
+        yield
+    finally:
+        _ENABLED = previous
+
+
+def fused_enabled(*tensors: Tensor | None) -> bool:
+    """True when the eager autograd fast path may run: grad is wanted and nothing is tracing."""
+    if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+        return False
+    if torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active():
+        return False
+    if not torch.is_grad_enabled():
+        return False
+    return any(t is not None and t.requires_grad for t in tensors)
+
+
+def attention_logits(positions: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """W_k x_j + b_k for every position: (B, C, N) -> (B, 1, N), one pass over x in any layout.
+
+    An explicit (b)addbmm: torch.matmul would fold (1, C) @ (B, C, N) into one mm over a copy of x.
+    """
+    B, C, _ = positions.shape
+    return torch.baddbmm(bias.view(1, 1, 1), weight.expand(B, 1, C), positions)  # (B, 1, N)
+
+
+def weighted_pool(positions: Tensor, weights: Tensor) -> Tensor:
+    """sum_j alpha_j x_j as (B, 1, N) @ (B, N, C) -> (B, C).
+
+    The row-vector form is one fast gemv per sample for NCHW (BLAS reads x^T in place) and for
+    channels_last memory; (B, C, N) @ (B, N, 1) is ~2x slower on CPU.
+    """
+    return torch.bmm(weights, positions.transpose(1, 2)).squeeze(1)  # (B, C)
+
+
+def _transposed_is_dense(t: Tensor) -> bool:
+    """(B, C, N) whose transpose (B, N, C) is contiguous: channels_last memory."""
+    return t.stride(1) == 1 and t.stride(2) == t.shape[1] and t.shape[1] > 1
+
+
+class AttentionPoolAdd(torch.autograd.Function):
+    """z = x + transform(sum_j softmax_j(W_k x_j + b_k) x_j), broadcast over positions.
+
+    `transform` maps (B, C) -> (B, C) with the tensors `params` (the transform's parameters, passed
+    so that they receive gradients); it runs on a detached context inside an enable_grad island,
+    and its gradients come from torch.autograd.grad of that small graph in backward.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        x: Tensor,
+        key_weight: Tensor,
+        key_bias: Tensor,
+        transform: Callable[[Tensor], Tensor],
+        *params: Tensor,
+    ) -> Tensor:
+        B, C = x.shape[:2]
+        positions = x.flatten(2)  # (B, C, N)
+        weights = attention_logits(positions, key_weight, key_bias).softmax(dim=-1)  # (B, 1, N)
+        context = weighted_pool(positions, weights)  # (B, C)
+        with torch.enable_grad():
+            leaf = context.detach().requires_grad_(True)
+            add = transform(leaf)  # (B, C)
+        ctx.save_for_backward(x, key_weight, weights, *params)
+        ctx.graph = (leaf, add)
+        return x + add.detach().view(B, C, *([1] * (x.dim() - 2)))  # (B, C, *positions)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        x, key_weight, weights, *params = ctx.saved_tensors
+        leaf, add = ctx.graph
+        needs = ctx.needs_input_grad
+        B, C = x.shape[:2]
+        grad = grad_out.flatten(2)  # (B, C, N)
+        grad_add = grad.sum(dim=-1)  # (B, C)
+        wanted = [p for p, need in zip(params, needs[4:]) if need]
+        # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
+        # transform graph is freed with this node.
+        grads = torch.autograd.grad(add, [leaf, *wanted], grad_add, retain_graph=True, allow_unused=True)
+        grad_context = grads[0] if grads[0] is not None else torch.zeros_like(grad_add)  # (B, C)
+        found = iter(grads[1:])
+        grad_params = [next(found) if need else None for need in needs[4:]]
+
+        positions = x.flatten(2)  # (B, C, N)
+        # d loss / d alpha_j = grad_context . x_j, then the softmax backward.
+        grad_weights = torch.bmm(grad_context.unsqueeze(1), positions)  # (B, 1, N)
+        grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
+
+        grad_x = None
+        if needs[0]:
+            # grad_x = grad_out + grad_context alpha^T + W_k^T grad_logits: one pass, no temporaries.
+            left = torch.stack((grad_context, key_weight.expand(B, C)), dim=2)  # (B, C, 2)
+            right = torch.cat((weights, grad_logits), dim=1)  # (B, 2, N)
+            if _transposed_is_dense(grad):
+                grad_x = torch.baddbmm(grad.transpose(1, 2), right.transpose(1, 2), left.transpose(1, 2))
+                grad_x = grad_x.transpose(1, 2)  # (B, C, N) in channels_last memory
+            else:
+                grad_x = torch.baddbmm(grad, left, right)  # (B, C, N)
+            grad_x = grad_x.reshape(x.shape)
+        grad_key_weight = None
+        if needs[1]:
+            grad_key_weight = weighted_pool(positions, grad_logits).sum(dim=0, keepdim=True)  # (1, C)
+        grad_key_bias = grad_logits.sum().reshape(1) if needs[2] else None
+        return (grad_x, grad_key_weight, grad_key_bias, None, *grad_params)
+
+
+# Query rows per block of the attention backward: a block's (rows x keys) matrices stay near 16 MiB.
+_ATTENTION_BLOCK_ELEMENTS = 1 << 22
+
+
+class BlockwiseAttention(torch.autograd.Function):
+    """softmax(q k^T * scale) v for (B, N, D) queries, (B, Nk, D) keys and values; blockwise backward.
+
+    The forward is `scaled_dot_product_attention` (flash path, no N x Nk matrix). On CPU its flash
+    backward is several times slower than BLAS for small head dims (measured: 18.7 s against 5.5 s
+    for the naive N x N form at 1x64x128x128), so the backward recomputes the probabilities of a
+    block of query rows at a time and runs the five products through bmm: memory stays O(block * Nk).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx, queries: Tensor, keys: Tensor, values: Tensor, scale: float
+    ) -> Tensor:
+        out = torch.nn.functional.scaled_dot_product_attention(
+            queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), scale=scale
+        ).squeeze(1)  # (B, N, Dv)
+        ctx.save_for_backward(queries, keys, values, out)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        queries, keys, values, out = ctx.saved_tensors
+        scale = ctx.scale
+        N, Nk = queries.shape[1], keys.shape[1]
+        grad_out = grad_out.contiguous()
+        grad_q = torch.empty_like(queries)
+        grad_k = torch.zeros_like(keys)
+        grad_v = torch.zeros_like(values)
+        # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
+        row_term = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, N, 1)
+        step = max(1, min(N, _ATTENTION_BLOCK_ELEMENTS // Nk))
+        for start in range(0, N, step):
+            rows = slice(start, start + step)
+            q, d_out = queries[:, rows], grad_out[:, rows]  # (B, n, D), (B, n, Dv)
+            probs = (torch.bmm(q, keys.transpose(1, 2)) * scale).softmax(dim=-1)  # (B, n, Nk)
+            grad_v.baddbmm_(probs.transpose(1, 2), d_out)  # (B, Nk, Dv)
+            grad_logits = torch.bmm(d_out, values.transpose(1, 2))  # (B, n, Nk): dP
+            grad_logits.sub_(row_term[:, rows]).mul_(probs).mul_(scale)  # dS, scaled
+            grad_q[:, rows] = torch.bmm(grad_logits, keys)  # (B, n, D)
+            grad_k.baddbmm_(grad_logits.transpose(1, 2), q)  # (B, Nk, D)
+        return grad_q, grad_k, grad_v, None

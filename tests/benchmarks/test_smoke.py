@@ -1,0 +1,34 @@
+"""Smoke runs of the benchmark scripts' quick modes: every case runs and reports; no timed assertions."""
+
+import json
+import subprocess
+import sys
+
+from benchmarks import blocks, models
+
+
+def test_block_benchmarks_report_every_case() -> None:
+    results = blocks.main(["--quick", "--threads", "1", "--no-memory"])
+    assert {r["suite"] for r in results} == {"gc", "nl"}
+    for result in results:
+        names = [row["case"] for row in result["rows"]]
+        if result["suite"] == "gc":
+            assert names[0].startswith("floor") and "gcnet GC r16 (add)" in names
+        else:
+            assert {"gcnet NL (SDPA)", "naive NL (N x N bmm)"} <= set(names)
+        assert all(row["fwd_ms"] > 0 and row["fb_ms"] > 0 for row in result["rows"])
+        # The cases sharing weights (gcnet, its composite path, naive, timm) compute the same function.
+        assert result["max_abs_diff"] < 1e-4
+
+
+def test_peak_memory_is_measured_in_a_fresh_process() -> None:
+    spec = "gc:2x32x8x8:gcnet GC r16 (add):fb"
+    command = [sys.executable, "-m", "benchmarks.blocks", "--threads", "1", "--memory-case", spec]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    assert json.loads(out.strip().splitlines()[-1])["peak_mib"] >= 0
+
+
+def test_model_benchmark_reports_each_model() -> None:
+    result = models.main(["--quick", "--threads", "1"])
+    assert [row["model"] for row in result["rows"]] == list(models.MODELS)
+    assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
