@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml requirements/constraints.txt
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gcnet.cli tour --out outputs/tour
+	OMP_WAIT_POLICY=PASSIVE $(PY) -m gcnet.cli demo --out outputs/demo
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q

@@ -1,0 +1,170 @@
+import json
+import logging
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from gcnet.data import CorruptFileError
+from gcnet.engine import NonFiniteLossError, config_from_dict, load_checkpoint, train
+from gcnet.engine.metrics import read_csv
+from tests.engine.tiny import TinyNet, TinyVideoNet, image_config, make_image_folder
+
+
+class Interrupt(Exception):
+    """Stands in for a crash part-way through a run."""
+
+
+class CrashAfter(TinyNet):
+    """TinyNet that raises after `steps` training forwards (a run cut short)."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.remaining = steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            if self.remaining == 0:
+                raise Interrupt
+            self.remaining -= 1
+        return super().forward(x)
+
+
+class NanAfter(TinyNet):
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.calls = 0
+        self.steps = steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = super().forward(x)
+        if self.training:
+            self.calls += 1
+            if self.calls > self.steps:
+                return out * float("nan")
+        return out
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("data") / "images", classes=3, per_class=8, size=12)
+
+
+def test_epoch_on_generated_image_folder(images: Path, tmp_path: Path) -> None:
+    config = config_from_dict(image_config(images, tmp_path / "run", data={"test": str(images)},
+                                           train={"plot": True, "tensorboard": True}))
+    result = train(config, model=TinyNet())
+    assert len(result.step_losses) == 3 * 3  # 18 train images, batch 6, 3 epochs
+    assert result.step_losses[-1] < result.step_losses[0]
+    assert result.val is not None and result.val["samples"] == 6 and 0 <= result.val["top1"] <= 100
+    assert result.test is not None and result.test["samples"] == 24 and result.test["top5"] == 100.0
+    rows = read_csv(tmp_path / "run" / "metrics.csv")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and float(rows[0]["images_per_s"]) > 0
+    for name in ("curves.png", "summary.json", "steps.csv", "config.json", "checkpoints/last.json"):
+        assert (tmp_path / "run" / name).is_file(), name
+    assert list((tmp_path / "run" / "tb").iterdir())
+    ckpt = load_checkpoint(tmp_path / "run")  # state.pt is read with weights_only=True
+    assert ckpt.state["epoch"] == 3 and ckpt.state["step"] == 9 and set(ckpt.model) == set(TinyNet().state_dict())
+    assert torch.load(ckpt.path / "state.pt", weights_only=True)["config"]["train"]["seed"] == 1
+    assert set(load_file(ckpt.path / "model.safetensors")) == set(TinyNet().state_dict())
+    with pytest.raises(ValueError, match="--resume"):
+        train(config, model=TinyNet())  # a second fresh run would overwrite the checkpoints
+
+
+def test_options_bf16_channels_last_adamw_step_clip_smoothing(images: Path, tmp_path: Path) -> None:
+    config = config_from_dict(image_config(
+        images, tmp_path / "run", optim={"name": "adamw", "lr": 0.01, "weight_decay": 0.05, "grad_clip_norm": 1.0},
+        schedule={"name": "step", "milestones": [1], "warmup_epochs": 0},
+        model={"name": "tiny", "num_classes": 3, "channels_last": True},
+        train={"epochs": 2, "precision": "bf16", "label_smoothing": 0.1},
+    ))
+    result = train(config, model=TinyNet())
+    assert len(result.step_losses) == 6 and all(torch.isfinite(torch.tensor(result.step_losses)))
+    lrs = [float(r["lr"]) for r in read_csv(tmp_path / "run" / "steps.csv")]
+    assert lrs[:3] == pytest.approx([0.01] * 3) and lrs[3:] == pytest.approx([0.001] * 3)
+
+
+@pytest.mark.parametrize(("crash_after", "every"), [(4, 0), (5, 2)], ids=["epoch-checkpoint", "mid-epoch"])
+def test_resume_gives_the_same_losses(images: Path, tmp_path: Path, crash_after: int, every: int) -> None:
+    sections = {"train": {"epochs": 3, "checkpoint_every_steps": every}}
+    # Factories build the model after train() seeds the RNG, so both runs start from the same weights.
+    reference = train(config_from_dict(image_config(images, tmp_path / "a", **sections)),
+                      model_factory=lambda c: TinyNet())
+
+    interrupted = config_from_dict(image_config(images, tmp_path / "b", **sections))
+    with pytest.raises(Interrupt):
+        train(interrupted, model_factory=lambda c: CrashAfter(crash_after))
+    saved_step = load_checkpoint(tmp_path / "b").state["step"]
+    assert saved_step == (3 if every == 0 else 4)
+    resumed = train(interrupted, resume=True, model_factory=lambda c: TinyNet())
+
+    assert resumed.step_losses == reference.step_losses[saved_step:]  # bit-identical on CPU
+    losses = [float(r["loss"]) for r in read_csv(tmp_path / "b" / "steps.csv")]
+    assert losses == reference.step_losses
+    final_a, final_b = load_checkpoint(tmp_path / "a").model, load_checkpoint(tmp_path / "b").model
+    assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images: Path, tmp_path: Path) -> None:
+    config = config_from_dict(image_config(images, tmp_path / "run"))
+    with pytest.raises(NonFiniteLossError, match=r"loss is nan at epoch 2, step 5.*Last good checkpoint: .*step-000000003"):
+        train(config, model=NanAfter(steps=4))
+    pointer = json.loads((tmp_path / "run" / "checkpoints" / "last.json").read_text())
+    assert pointer["step"] == 3
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
+
+
+def test_corrupt_file_skipped_and_counted_or_fatal(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    root = make_image_folder(tmp_path / "images", classes=3, per_class=4, size=12)
+    bad = root / "class_2" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    config = config_from_dict(image_config(root, tmp_path / "run", data={"val_fraction": 0.0, "batch_size": 13},
+                                           train={"epochs": 1}))
+    with caplog.at_level(logging.WARNING):
+        result = train(config, model=TinyNet())
+    assert result.skipped_paths == [str(bad)]
+    assert str(bad) in caplog.text
+    assert read_csv(tmp_path / "run" / "metrics.csv")[0]["skipped"] == "1"
+    fatal = config_from_dict(image_config(root, tmp_path / "run2", data={"val_fraction": 0.0, "batch_size": 13,
+                                                                         "on_corrupt": "error"}, train={"epochs": 1}))
+    with pytest.raises(CorruptFileError, match="broken.jpg"):
+        train(fatal, model=TinyNet())
+
+
+def test_epoch_on_generated_video_clips(tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    from tests.data.clips import make_clip_folder
+
+    root = make_clip_folder(tmp_path / "clips", classes=2, per_class=3)
+    config = config_from_dict({
+        "model": {"name": "tiny_video", "num_classes": 2},
+        "data": {"kind": "video", "train": str(root), "val": str(root), "clip_len": 4, "frame_stride": 2,
+                 "eval_clips": 2, "image_size": 16, "resize": 20, "batch_size": 3, "mean": [0.5] * 3,
+                 "std": [0.25] * 3},
+        "optim": {"lr": 0.05},
+        "train": {"epochs": 1, "out_dir": str(tmp_path / "run"), "progress": False, "plot": False},
+    })
+    result = train(config, model=TinyVideoNet(2))
+    assert len(result.step_losses) == 2 and result.val is not None and result.val["samples"] == 6
+
+
+def test_cli_train_and_eval_with_registered_model(images: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    pytest.importorskip("gcnet.models")
+    import yaml
+
+    from gcnet.cli import main
+
+    config = image_config(images, tmp_path / "run", model={"name": "cifar_resnet20", "num_classes": 3,
+                                                           "context": "gc", "options": {"reduction": 4}},
+                          train={"epochs": 1})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path), "--set", "data.test=" + str(images)]) == 0
+    assert main(["train", str(path), "--set", "optim.nam=sgd"]) == 2
+    assert "unknown config key 'optim.nam'" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "run"), "--data", str(images)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["samples"] == 24 and metrics["step"] == 3
