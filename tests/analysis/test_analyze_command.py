@@ -1,0 +1,40 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from gcnet.cli import main
+from gcnet.engine import config_from_dict, train
+from tests.engine.tiny import image_config, make_image_folder
+
+
+@pytest.mark.parametrize("mode", ["dot_product"])
+def test_analyze_a_trained_checkpoint(mode: str, tmp_path: Path, capsys) -> None:
+    images = make_image_folder(tmp_path / "images", classes=3, per_class=4, size=16)
+    config = image_config(
+        images,
+        tmp_path / "run",
+        model={
+            "name": "cifar_resnet20",
+            "context": "gc",
+            "options": {"reduction": 4, "nonlocal_indices": [[], [1], []], "nonlocal_options": {"mode": mode}},
+        },
+        data={"image_size": 16, "val_fraction": 0.0},
+        train={"epochs": 1},
+    )
+    train(config_from_dict(config))
+    out = tmp_path / "report"
+    assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batches", "2", "--batch-size", "4"]) == 0
+    summary = json.loads(capsys.readouterr().out.split("\nreport:")[0])
+    nl = [name for name, row in summary.items() if row["kind"] == f"nl-{mode}"]
+    gc = [name for name, row in summary.items() if row["kind"] == "gc"]
+    assert len(nl) == 1 and len(gc) == 6  # stages 2 and 3, three blocks each
+    assert all(summary[name]["attention"] == 0 for name in gc)
+    report = (out / "report.md").read_text()
+    assert f"| {nl[0]} | nl-{mode} |" in report
+    assert (out / "statistics.png").stat().st_size > 5_000 and (out / "attention_maps.png").stat().st_size > 5_000
+
+
+def test_analyze_names_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
+    assert main(["analyze", str(tmp_path / "nothing"), "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    assert "gcnet analyze:" in capsys.readouterr().err
