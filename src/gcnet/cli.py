@@ -11,6 +11,9 @@ from collections.abc import Sequence
 COMMAND_MODULES: list[str] = [
     "gcnet.analysis.info",
     "gcnet.tour",
+    "gcnet.engine.cli",
+    "gcnet.analysis.cli",
+    "gcnet.detection.cli",
 ]
 
 
