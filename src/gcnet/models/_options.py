@@ -2,15 +2,34 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, Callable, Union
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable, Literal, Union
 
 from torch import nn
+from typing_extensions import TypedDict
 
 from gcnet.blocks import ContextFactory, get_context_block
 
 # A block given by name ("gc", "snl", "se", "nl"), by a constructor taking `channels`, or absent.
 ContextSpec = Union[str, Callable[[int], nn.Module], None]
+# Where a context block sits in a residual block.
+Position = Literal["before_add", "after_3x3", "after_add"]
+
+
+class BlockOptions(TypedDict, total=False):
+    """Block placement options every backbone builder accepts (ResNet, CIFAR ResNet, C2D/I3D)."""
+
+    num_classes: int
+    in_channels: int
+    context: ContextSpec
+    reduction: int | None
+    context_options: Mapping[str, Any] | None
+    stages: Sequence[bool]
+    position: Position
+    nonlocal_indices: Sequence[Sequence[int]] | None
+    nonlocal_block: ContextSpec
+    nonlocal_options: Mapping[str, Any] | None
+    zero_init_residual: bool
 
 
 def context_factory(
@@ -53,3 +72,15 @@ def context_factory(
         f"{what} must be a block name ('gc', 'snl', 'se', 'nl'), a constructor taking channels, "
         f"or None; got {context!r}"
     )
+
+
+def between_factory(
+    block: ContextSpec,
+    indices: Sequence[Sequence[int]] | None,
+    options: Mapping[str, Any] | None,
+    dims: int,
+) -> ContextFactory | None:
+    """Constructor of the blocks placed between residual blocks; None when no stage asks for one."""
+    if indices is None or not any(len(i) for i in indices):
+        return None
+    return context_factory(block, None, options, dims=dims, what="nonlocal_block")

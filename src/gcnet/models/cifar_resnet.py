@@ -18,8 +18,8 @@ from typing_extensions import TypedDict, Unpack
 
 from gcnet.blocks import ContextFactory
 from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
-from gcnet.models._options import ContextSpec, context_factory
-from gcnet.models.resnet import BasicBlock, Position, init_weights, make_head, make_stage
+from gcnet.models._options import BlockOptions, ContextSpec, Position, between_factory, context_factory
+from gcnet.models.resnet import BasicBlock, init_weights, make_head, make_stage
 
 Shortcut = Literal["pad", "projection"]
 SHORTCUTS: tuple[str, ...] = ("pad", "projection")
@@ -129,21 +129,10 @@ class CifarResNet(nn.Module):
         return self.fc(self.avgpool(x).flatten(1))  # (B, 64) -> (B, num_classes)
 
 
-class CifarResNetOptions(TypedDict, total=False):
+class CifarResNetOptions(BlockOptions, total=False):
     """Options every CIFAR ResNet builder accepts (see `build_cifar_resnet`)."""
 
-    num_classes: int
-    in_channels: int
-    context: ContextSpec
-    reduction: int | None
-    context_options: Mapping[str, Any] | None
-    stages: Sequence[bool]
-    position: Position
-    nonlocal_indices: Sequence[Sequence[int]] | None
-    nonlocal_block: ContextSpec
-    nonlocal_options: Mapping[str, Any] | None
     shortcut: Shortcut
-    zero_init_residual: bool
 
 
 def build_cifar_resnet(
@@ -167,12 +156,7 @@ def build_cifar_resnet(
     if (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, ...), got {depth}")
     factory = context_factory(context, reduction, context_options, dims=2)
-    has_between = nonlocal_indices is not None and any(len(i) for i in nonlocal_indices)
-    between = (
-        context_factory(nonlocal_block, None, nonlocal_options, dims=2, what="nonlocal_block")
-        if has_between
-        else None
-    )
+    between = between_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=2)
     return CifarResNet(
         (depth - 2) // 6,
         num_classes=num_classes,

@@ -25,9 +25,8 @@ from typing_extensions import TypedDict, Unpack
 
 from gcnet.blocks import ContextFactory
 from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
-from gcnet.models._options import ContextSpec, context_factory
+from gcnet.models._options import BlockOptions, ContextSpec, Position, between_factory, context_factory
 
-Position = Literal["before_add", "after_3x3", "after_add"]
 POSITIONS: tuple[str, ...] = ("before_add", "after_3x3", "after_add")
 FEATURE_NAMES: tuple[str, ...] = ("c2", "c3", "c4", "c5")
 
@@ -446,20 +445,8 @@ class ResNet(nn.Module):
         return self.fc(self.avgpool(c5).flatten(1))  # (B, C) -> (B, num_classes)
 
 
-class ResNetOptions(TypedDict, total=False):
+class ResNetOptions(BlockOptions, total=False):
     """Options every ResNet/ResNeXt builder accepts (see `build_resnet`)."""
-
-    num_classes: int
-    in_channels: int
-    context: ContextSpec
-    reduction: int | None
-    context_options: Mapping[str, Any] | None
-    stages: Sequence[bool]
-    position: Position
-    nonlocal_indices: Sequence[Sequence[int]] | None
-    nonlocal_block: ContextSpec
-    nonlocal_options: Mapping[str, Any] | None
-    zero_init_residual: bool
 
 
 def build_resnet(
@@ -493,12 +480,7 @@ def build_resnet(
         nonlocal_options: options of the inserted block, e.g. {"mode": "dot_product"}.
     """
     factory = context_factory(context, reduction, context_options, dims=2)
-    has_between = nonlocal_indices is not None and any(len(i) for i in nonlocal_indices)
-    between = (
-        context_factory(nonlocal_block, None, nonlocal_options, dims=2, what="nonlocal_block")
-        if has_between
-        else None
-    )
+    between = between_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=2)
     return ResNet(
         block,
         layers,

@@ -24,8 +24,8 @@ from typing_extensions import TypedDict, Unpack
 
 from gcnet.blocks import ContextFactory
 from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
-from gcnet.models._options import ContextSpec, context_factory
-from gcnet.models.resnet import FEATURE_NAMES, Bottleneck, Position, init_weights, make_head, make_stage
+from gcnet.models._options import BlockOptions, ContextSpec, Position, between_factory, context_factory
+from gcnet.models.resnet import FEATURE_NAMES, Bottleneck, init_weights, make_head, make_stage
 
 Inflate = Literal["3x1x1", "3x3x3"]
 INFLATES: tuple[str, ...] = ("3x1x1", "3x3x3")
@@ -147,21 +147,10 @@ class VideoResNet(nn.Module):
         return self.fc(self.dropout(self.avgpool(c5).flatten(1)))  # (B, C) -> (B, num_classes)
 
 
-class VideoResNetOptions(TypedDict, total=False):
+class VideoResNetOptions(BlockOptions, total=False):
     """Options every C2D builder accepts (see `build_video_resnet`)."""
 
-    num_classes: int
-    in_channels: int
-    context: ContextSpec
-    reduction: int | None
-    context_options: Mapping[str, Any] | None
-    stages: Sequence[bool]
-    position: Position
-    nonlocal_indices: Sequence[Sequence[int]] | None
-    nonlocal_block: ContextSpec
-    nonlocal_options: Mapping[str, Any] | None
     dropout: float
-    zero_init_residual: bool
 
 
 class I3DOptions(VideoResNetOptions, total=False):
@@ -194,12 +183,7 @@ def build_video_resnet(
     T x H x W positions; a non-local block gets `dims=3` unless `nonlocal_options` say otherwise.
     """
     factory = context_factory(context, reduction, context_options, dims=3)
-    has_between = nonlocal_indices is not None and any(len(i) for i in nonlocal_indices)
-    between = (
-        context_factory(nonlocal_block, None, nonlocal_options, dims=3, what="nonlocal_block")
-        if has_between
-        else None
-    )
+    between = between_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=3)
     if not i3d and inflate != "3x1x1":
         raise ValueError(f"inflate applies to I3D only; C2D keeps 2D kernels, got inflate={inflate!r}")
     return VideoResNet(
