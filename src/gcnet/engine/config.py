@@ -147,7 +147,7 @@ class TrainConfig:
         checkpoint_every_steps: also checkpoint inside epochs every N steps; 0 only at epoch ends.
         eval_every_epochs: validate every N epochs (and after the last).
         tensorboard: also write TensorBoard events to out_dir/tb.
-        progress: show a tqdm progress bar.
+        progress: show a tqdm progress bar (on a terminal; logs and pipes get the per-epoch lines only).
         plot: save curves.png at the end.
     """
 

@@ -278,7 +278,8 @@ def _train_epoch(
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, top-1 hits, samples, skipped
     skipped_paths: list[str] = []
     bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch + 1}/{tc.epochs}", unit="step",
-               disable=not (context.is_main and tc.progress), dynamic_ncols=True, leave=False)
+               disable=None if context.is_main and tc.progress else True,  # None: off when not a terminal
+               dynamic_ncols=True, leave=False)
     started = time.perf_counter()
     images = 0
     batch_index = start_batch
