@@ -150,8 +150,7 @@ class GlobalContext(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)
         if self.key is not None and self.scale_transform is None and self.add_transform is not None:
-            params = [p for p in (getattr(layer, name, None) for layer in self.add_transform
-                                  for name in ("weight", "bias")) if p is not None]
+            params = list(self.add_transform.parameters())
             if fused_enabled(x, self.key.weight, self.key.bias, *params):
                 # Attention pooling + add: one autograd function, backward in one pass over x.
                 return AttentionPoolAdd.apply(x, self.key.weight, self.key.bias, self.add_transform, *params)
