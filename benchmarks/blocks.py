@@ -132,14 +132,14 @@ class TimmGlobalContext(nn.Module):
 
 
 class WithoutFastPath(nn.Module):
-    """Run `block` on its plain composite autograd path (gcnet.blocks._fused disabled)."""
+    """Run `block` on its plain composite autograd path (gcnet.blocks.composite_autograd)."""
 
     def __init__(self, block: nn.Module) -> None:
         super().__init__()
         self.block = block
 
     def forward(self, x: Tensor) -> Tensor:
-        with _fused.disabled():
+        with _fused.composite_autograd():
             return self.block(x)
 
 

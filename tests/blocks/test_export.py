@@ -58,3 +58,21 @@ def test_onnx_export_runs_in_onnxruntime(name: str, tmp_path) -> None:
     session = ort.InferenceSession(str(path))
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     torch.testing.assert_close(torch.from_numpy(out), block(x).detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gc", "snl", "nl-embedded"])
+def test_double_backward_runs_on_the_composite_path(name: str) -> None:
+    from gcnet.blocks import composite_autograd
+
+    block, x = make(name)
+    block.train()
+    x = x.double().requires_grad_(True)
+    block.double()
+    with composite_autograd():
+        (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+        penalty = grad.square().sum()
+        penalty.backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
+        (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
+        grad.square().sum().backward()

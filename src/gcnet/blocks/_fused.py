@@ -12,7 +12,7 @@ attention's slow backward (small head dims) by bmm over blocks of query rows.
 
 Only eager mode with gradients takes it: under tracing, scripting, ONNX export, torch.compile,
 functorch transforms, or when nothing needs a gradient, the blocks run their plain composite path
-(which computes the same numbers). Double backward is not supported here (once_differentiable).
+(which computes the same numbers). Double backward needs `composite_autograd()` (once_differentiable here).
 """
 
 from __future__ import annotations
@@ -29,14 +29,23 @@ _ENABLED = True
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """Run the blocks on their plain composite path (benchmarks compare the two)."""
+def composite_autograd() -> Iterator[None]:
+    """Run the blocks on their plain composite autograd path inside this context.
+
+    The fast paths' backward cannot itself be differentiated; use this for double backward
+    (gradient penalties, higher-order gradients). Benchmarks also use it to compare the two.
+    """
     global _ENABLED
     previous, _ENABLED = _ENABLED, False
     try:
         yield
     finally:
         _ENABLED = previous
+
+
+def composite_requested() -> bool:
+    """True inside `composite_autograd()`: every op must be differentiable to any order."""
+    return not _ENABLED
 
 
 def fused_enabled(*tensors: Tensor | None) -> bool:

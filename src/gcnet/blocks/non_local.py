@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gcnet.blocks._checks import check_choice, check_input, check_positive_int, reduced_channels
-from gcnet.blocks._fused import BlockwiseAttention, fused_enabled
+from gcnet.blocks._fused import BlockwiseAttention, composite_requested, fused_enabled
 
 Mode = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
 Scale = Literal["none", "inner", "channels"]
@@ -162,6 +162,10 @@ class NonLocal(nn.Module):
             return positions.contiguous(), self._subsample(positions, x), values
         return _project(positions, self.theta), self._subsample(_project(positions, self.phi), x), values
 
+    def _softmax_weights(self, queries: Tensor, keys: Tensor) -> Tensor:
+        """softmax_j(scale * q_i . k_j) as a (B, N, Nk) matrix."""
+        return (torch.bmm(queries, keys.transpose(1, 2)) * self.scale_factor).softmax(dim=-1)
+
     def _concat_logits(self, queries: Tensor, keys: Tensor) -> Tensor:
         """w_f . [theta_i, phi_j] = a . theta_i + b . phi_j, as a (B, N, Nk) matrix."""
         assert self.concat_project is not None
@@ -172,7 +176,7 @@ class NonLocal(nn.Module):
         """Normalised pairwise weights f(x_i, x_j) / C(x), (B, N, Nk); rows of the softmax modes sum to 1."""
         queries, keys, _ = self._embed(x)
         if self.mode in SOFTMAX_MODES:
-            return (torch.bmm(queries, keys.transpose(1, 2)) * self.scale_factor).softmax(dim=-1)
+            return self._softmax_weights(queries, keys)
         if self.mode == "dot_product":
             return torch.bmm(queries, keys.transpose(1, 2)) / keys.shape[1]
         return F.relu(self._concat_logits(queries, keys)) / keys.shape[1]
@@ -183,6 +187,9 @@ class NonLocal(nn.Module):
         if self.mode in SOFTMAX_MODES and blockwise:
             # SDPA forward, and a blockwise BLAS backward: faster than CPU's flash backward here.
             y = BlockwiseAttention.apply(queries, keys, values, self.scale_factor)  # (B, N, C')
+        elif self.mode in SOFTMAX_MODES and composite_requested():
+            # Plain ops over the N x N matrix: differentiable to any order (CPU SDPA's backward is not).
+            y = torch.bmm(self._softmax_weights(queries, keys), values)  # (B, N, C')
         elif self.mode in SOFTMAX_MODES:
             # Contiguous (B, 1, N, D) inputs keep SDPA on its flash path (no N x N matrix).
             y = F.scaled_dot_product_attention(
