@@ -24,6 +24,16 @@ def _pyplot():
     return plt
 
 
+def _save(fig, path: str | Path) -> Path:
+    """Write the figure as a PNG (creating its folder) and free it."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    _pyplot().close(fig)
+    return path
+
+
 def query_map(capture: BlockCapture, sample: int, query: tuple[float, float]) -> tuple[Tensor, tuple[int, int]]:
     """The (h, w) key map of the query at relative (y, x), and the query's (row, col) on the block's grid.
 
@@ -68,12 +78,7 @@ def plot_query_maps(
             ax.plot((c + 0.5) * W / grid_w - 0.5, (r + 0.5) * H / grid_h - 0.5, "w*", markersize=11)
             ax.set_title(f"{name}\n{capture.kind}, query ({r}, {c})", fontsize=8)
             ax.axis("off")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def plot_statistics(summary: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -90,12 +95,7 @@ def plot_statistics(summary: dict[str, dict[str, float]], path: str | Path) -> P
     ax.set_ylabel("mean pairwise distance over queries")
     ax.legend(fontsize=8)
     ax.set_title("Query independence per block (lower = more alike)")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def markdown_table(summary: dict[str, dict[str, float]]) -> str:

@@ -13,9 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 
-from gcnet.engine.config import OptimConfig, ScheduleConfig, apply_overrides, build_section, plain_data
+from gcnet.engine.config import (
+    OptimConfig,
+    ScheduleConfig,
+    apply_overrides,
+    build_section,
+    plain_data,
+    read_config_data,
+)
 
 TASK = "detection"
 OPTIM_DEFAULTS: dict[str, Any] = {"name": "sgd", "lr": 0.02, "momentum": 0.9, "weight_decay": 1e-4}
@@ -168,18 +174,6 @@ def detection_config_from_dict(data: dict[str, Any]) -> DetectionConfig:
     config: DetectionConfig = build_section(DetectionConfig, merged)
     validate_detection_config(config)
     return config
-
-
-def read_config_data(path: str | Path) -> dict[str, Any]:
-    """The YAML mapping in `path` (ValueError if missing, TypeError if not a mapping)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist")
-    with path.open() as handle:
-        data = yaml.safe_load(handle) or {}
-    if not isinstance(data, dict):
-        raise TypeError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return data
 
 
 def is_detection_config(path: str | Path) -> bool:

@@ -313,8 +313,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
-    """Read a YAML config, apply `--set` overrides, check everything and return the `Config`."""
+def read_config_data(path: str | Path) -> dict[str, Any]:
+    """The YAML mapping in `path` (ValueError if missing, TypeError if not a mapping)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {str(path)!r} does not exist")
@@ -322,7 +322,12 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
         data = yaml.safe_load(handle) or {}
     if not isinstance(data, dict):
         raise TypeError(f"{path}: expected a mapping of sections, got {type(data).__name__}")
-    return config_from_dict(apply_overrides(data, list(overrides or [])))
+    return data
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML config, apply `--set` overrides, check everything and return the `Config`."""
+    return config_from_dict(apply_overrides(read_config_data(path), list(overrides or [])))
 
 
 def validate(config: Config) -> None:
