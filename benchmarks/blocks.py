@@ -17,7 +17,6 @@ import json
 import math
 import sys
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F

@@ -3,7 +3,7 @@ import torch
 
 from gcnet.blocks import NonLocal
 from tests.blocks.reference import non_local_reference, randomize_
-from tests.blocks.shapes import gradcheck_block, SHAPES, sample
+from tests.blocks.shapes import gradcheck_block, sample
 
 MODES = ["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
 

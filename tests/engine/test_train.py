@@ -5,7 +5,6 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from torch import nn
 
 from gcnet.data import CorruptFileError
 from gcnet.engine import NonFiniteLossError, config_from_dict, load_checkpoint, train

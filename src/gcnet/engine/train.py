@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gcnet.data.build import DataSplits, build_datasets
-from gcnet.data.sampling import ResumableDistributedSampler, SeededDataset, batch_size_of, collate_skipping
+from gcnet.data.sampling import ResumableDistributedSampler, SeededDataset, collate_skipping
 from gcnet.engine import distributed
 from gcnet.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from gcnet.engine.config import Config

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch.nn.functional as F
 from torch import Tensor, nn
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import Unpack
 
 from gcnet.blocks import ContextFactory
 from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages

@@ -18,10 +18,10 @@ dimension-generic (`dims=2` images, `dims=3` clips), which the video nets reuse.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, Literal, Union
+from typing import Any, Union
 
 from torch import Tensor, nn
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import Unpack
 
 from gcnet.blocks import ContextFactory
 from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages

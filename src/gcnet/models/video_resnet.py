@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 from torch import Tensor, nn
-from typing_extensions import TypedDict, Unpack
+from typing_extensions import Unpack
 
 from gcnet.blocks import ContextFactory
 from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
