@@ -115,29 +115,20 @@ def build_datasets(config: DetectionConfig) -> tuple[CocoDetection, CocoDetectio
         on_corrupt=d.on_corrupt,
     )
     if d.val_images is not None and d.val_annotations is not None:
-        eval_set = CocoDetection(
-            d.val_images,
-            d.val_annotations,
-            train=False,
-            masks=masks,
-            transform=detection_transforms(False),
-            category_mapping=d.category_mapping,
-            on_corrupt=d.on_corrupt,
-        )
+        eval_source: dict[str, Any] = {"images": d.val_images, "annotations": d.val_annotations}
     else:
         logger.info(
             "no data.val_images: evaluating on the %d training images (an overfit check)", len(train_set)
         )
-        eval_set = CocoDetection(
-            d.images,
-            d.annotations,
-            train=False,
-            masks=masks,
-            transform=detection_transforms(False),
-            category_mapping=d.category_mapping,
-            image_ids=train_set.image_ids,
-            on_corrupt=d.on_corrupt,
-        )
+        eval_source = {"images": d.images, "annotations": d.annotations, "image_ids": train_set.image_ids}
+    eval_set = CocoDetection(
+        **eval_source,
+        train=False,
+        masks=masks,
+        transform=detection_transforms(False),
+        category_mapping=d.category_mapping,
+        on_corrupt=d.on_corrupt,
+    )
     if eval_set.label_to_category != train_set.label_to_category:
         raise ValueError(
             "training and evaluation annotations list different categories; labels would not match"
