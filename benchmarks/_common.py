@@ -2,12 +2,19 @@
 
 Timings are medians over rounds in which every case runs once, in turn, so load from other
 processes hits all cases of a table alike; ratios within one table are the numbers to trust.
+By default the glibc allocator is told to keep freed memory (`retain_freed_memory`): otherwise
+every buffer over its mmap threshold comes back from the kernel as fresh pages on each call, and
+page faults (zeroing 25-100 MB per buffer) decide the timings, in an order-dependent way (a case
+pays for the memory the case before it returned). PyTorch's GPU caching allocator, and jemalloc or
+tcmalloc on CPU, behave like the retained heap; `--system-allocator` measures glibc's default.
 Peak memory is the growth of the resident set (VmHWM after clearing it) while one case runs once,
 in a fresh interpreter per case, so no cached allocation of an earlier case hides it.
 """
 
 from __future__ import annotations
 
+import argparse
+import ctypes
 import json
 import os
 import platform
@@ -28,6 +35,34 @@ def load() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "n/a"
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc malloc keep freed memory in the process (no trimming, no per-buffer mmap).
+
+    Returns False where the C library is not glibc (nothing changed).
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
+
+
+def add_allocator_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--system-allocator", action="store_true",
+        help="keep glibc's default malloc (freed buffers go back to the OS; page faults in timings)",
+    )
+
+
+def configure_allocator(system: bool) -> str:
+    """Apply the allocator choice; return how to name it in the results."""
+    if system:
+        return "glibc default"
+    return "glibc, freed memory retained" if retain_freed_memory() else "system default (not glibc)"
 
 
 def environment() -> dict[str, str]:

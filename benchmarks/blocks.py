@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks._common import (
+    add_allocator_option,
+    configure_allocator,
     environment,
     interleaved,
     load,
@@ -32,8 +34,7 @@ from benchmarks._common import (
     peak_growth_mib,
     ratio,
 )
-from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite
-from gcnet.blocks import _fused
+from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, _fused
 
 try:
     import timm.layers as timm_layers
@@ -364,6 +365,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--shape", action="append", help="only these shapes, e.g. 32x256x56x56 (repeatable)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
+    add_allocator_option(parser)
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_case:
@@ -371,7 +373,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
         return []
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    print(" | ".join(f"{k}: {v}" for k, v in environment().items()), f"| load: {load()}\n", flush=True)
+    allocator = configure_allocator(args.system_allocator)
+    header = {**environment(), "allocator": allocator}
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), f"| load: {load()}\n", flush=True)
     results = []
     plan: list[tuple[str, Shape]] = []
     if args.suite in ("gc", "all"):
@@ -392,7 +396,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(format_result(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "results": results}, f, indent=1)
+            json.dump({"environment": header, "results": results}, f, indent=1)
     return results
 
 

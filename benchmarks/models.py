@@ -19,7 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks._common import environment, interleaved, load, markdown_table, ms, ratio
+from benchmarks._common import (
+    add_allocator_option,
+    configure_allocator,
+    environment,
+    interleaved,
+    load,
+    markdown_table,
+    ms,
+    ratio,
+)
 from gcnet.models import create_model
 
 C3_C5 = (False, True, True, True)
@@ -64,13 +73,16 @@ def main(argv: list[str] | None = None) -> dict:
         "--channels-last", action="store_true", help="models and images in channels_last memory"
     )
     parser.add_argument("--json", help="also write the results as JSON to this path")
+    add_allocator_option(parser)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    allocator = configure_allocator(args.system_allocator)
     batch, size = (2, 64) if args.quick else (args.batch, args.size)
     rounds = args.rounds or (2 if args.quick else 3)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    print(" | ".join(f"{k}: {v}" for k, v in environment().items()), f"| load: {load()}\n", flush=True)
+    header = {**environment(), "allocator": allocator}
+    print(" | ".join(f"{k}: {v}" for k, v in header.items()), f"| load: {load()}\n", flush=True)
 
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch,))
@@ -113,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": environment(), "result": result}, f, indent=1)
+            json.dump({"environment": header, "result": result}, f, indent=1)
     return result
 
 

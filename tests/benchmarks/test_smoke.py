@@ -1,14 +1,19 @@
 """Smoke runs of the benchmark scripts' quick modes: every case runs and reports; no timed assertions."""
 
 import json
+import platform
 import subprocess
 import sys
 
+import pytest
+
 from benchmarks import blocks, models
+
+# The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
 
 
 def test_block_benchmarks_report_every_case() -> None:
-    results = blocks.main(["--quick", "--threads", "1", "--no-memory"])
+    results = blocks.main(["--quick", "--threads", "1", "--no-memory", "--system-allocator"])
     assert {r["suite"] for r in results} == {"gc", "nl"}
     for result in results:
         names = [row["case"] for row in result["rows"]]
@@ -29,6 +34,22 @@ def test_peak_memory_is_measured_in_a_fresh_process() -> None:
 
 
 def test_model_benchmark_reports_each_model() -> None:
-    result = models.main(["--quick", "--threads", "1"])
+    result = models.main(["--quick", "--threads", "1", "--system-allocator"])
     assert [row["model"] for row in result["rows"]] == list(models.MODELS)
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_benchmarks_keep_freed_memory_by_default() -> None:
+    """After mallopt, a freed 64 MiB buffer stays in the process: allocating it again faults no pages."""
+    code = (
+        "import resource, torch\n"
+        "from benchmarks._common import retain_freed_memory\n"
+        "assert retain_freed_memory()\n"
+        "x = torch.ones(16 * 2**20); del x\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "x = torch.ones(16 * 2**20)\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert int(out.strip()) < 1000  # a fresh 64 MiB mapping would fault ~16k pages
