@@ -65,6 +65,15 @@ def configure_allocator(system: bool) -> str:
     return "glibc, freed memory retained" if retain_freed_memory() else "system default (not glibc)"
 
 
+def start_run(threads: int, system_allocator: bool) -> dict[str, str]:
+    """Set threads, seed and allocator for a benchmark run; print and return its environment."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    info = {**environment(), "allocator": configure_allocator(system_allocator)}
+    print(" | ".join(f"{k}: {v}" for k, v in info.items()), f"| load: {load()}\n", flush=True)
+    return info
+
+
 def environment() -> dict[str, str]:
     """Machine and versions, for the header of a result."""
     cpu = platform.processor() or platform.machine()

@@ -24,8 +24,6 @@ from torch import Tensor, nn
 
 from benchmarks._common import (
     add_allocator_option,
-    configure_allocator,
-    environment,
     interleaved,
     load,
     markdown_table,
@@ -33,6 +31,7 @@ from benchmarks._common import (
     ms,
     peak_growth_mib,
     ratio,
+    start_run,
 )
 from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, _fused
 
@@ -371,11 +370,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.memory_case:
         run_memory_case(args.memory_case, args.threads)
         return []
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    allocator = configure_allocator(args.system_allocator)
-    header = {**environment(), "allocator": allocator}
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()), f"| load: {load()}\n", flush=True)
+    run_info = start_run(args.threads, args.system_allocator)
     results = []
     plan: list[tuple[str, Shape]] = []
     if args.suite in ("gc", "all"):
@@ -396,7 +391,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(format_result(result), flush=True)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": header, "results": results}, f, indent=1)
+            json.dump({"environment": run_info, "results": results}, f, indent=1)
     return results
 
 

@@ -21,13 +21,12 @@ from torch import nn
 
 from benchmarks._common import (
     add_allocator_option,
-    configure_allocator,
-    environment,
     interleaved,
     load,
     markdown_table,
     ms,
     ratio,
+    start_run,
 )
 from gcnet.models import create_model
 
@@ -75,14 +74,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--json", help="also write the results as JSON to this path")
     add_allocator_option(parser)
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
-    allocator = configure_allocator(args.system_allocator)
+    run_info = start_run(args.threads, args.system_allocator)
     batch, size = (2, 64) if args.quick else (args.batch, args.size)
     rounds = args.rounds or (2 if args.quick else 3)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-    header = {**environment(), "allocator": allocator}
-    print(" | ".join(f"{k}: {v}" for k, v in header.items()), f"| load: {load()}\n", flush=True)
 
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch,))
@@ -125,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"environment": header, "result": result}, f, indent=1)
+            json.dump({"environment": run_info, "result": result}, f, indent=1)
     return result
 
 
