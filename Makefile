@@ -6,9 +6,11 @@ STAMP := $(VENV)/.installed-stamp
 
 .PHONY: demo test bench clean
 
-$(STAMP): pyproject.toml requirements/constraints.txt
+# torch first: setup.py compiles the CPU kernels (gcnet._C) against it, without build isolation.
+$(STAMP): pyproject.toml setup.py requirements/constraints.txt src/gcnet/csrc/*.cpp
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt -e ".[dev,bench]"
+	$(PY) -m pip install -q --disable-pip-version-check -c requirements/constraints.txt "setuptools>=68" torch
+	$(PY) -m pip install -q --disable-pip-version-check --no-build-isolation -c requirements/constraints.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)

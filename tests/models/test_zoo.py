@@ -70,7 +70,9 @@ def test_aot_autograd_compile(name: str, options: dict) -> None:
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     compiled(x).square().mean().backward()
     for n, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-6, msg=n)
+        # fp32 sums in another order (the eager GC path may run gcnet._C): atol scales with the gradient
+        atol = 1e-6 * max(1.0, eager[n].abs().max().item())
+        torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=atol, msg=n)
 
 
 def test_inductor_compile_smallest_model() -> None:

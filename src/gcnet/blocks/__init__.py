@@ -1,6 +1,6 @@
 """Context blocks: GC and its three-step framework, SNL, SE and the non-local block."""
 
-from gcnet.blocks._fused import composite_autograd
+from gcnet.blocks._fused import composite_autograd, native_kernels, native_kernels_available
 from gcnet.blocks.factory import CONTEXT_BLOCKS, ContextFactory, get_context_block
 from gcnet.blocks.global_context import ContextTransform, GlobalContext
 from gcnet.blocks.non_local import NonLocal
@@ -17,4 +17,6 @@ __all__ = [
     "SqueezeExcite",
     "composite_autograd",
     "get_context_block",
+    "native_kernels",
+    "native_kernels_available",
 ]

@@ -10,22 +10,32 @@ grad_x = grad_out + [grad_context, W_k] @ [alpha; grad_logits] in one baddbmm pa
 `BlockwiseAttention` keeps SDPA's forward for the non-local block and replaces CPU flash
 attention's slow backward (small head dims) by bmm over blocks of query rows.
 
-Only eager mode with gradients takes it: under tracing, scripting, ONNX export, torch.compile,
-functorch transforms, or when nothing needs a gradient, the blocks run their plain composite path
-(which computes the same numbers). Double backward needs `composite_autograd()` (once_differentiable here).
+Where the optional CPU kernels `gcnet._C` are built (see setup.py), attention pooling and the
+add-fusion backward of a CPU float32/float64 batch run there instead: one read of x per pass, in
+cache-sized blocks of each sample (src/gcnet/csrc/attention_pool.cpp).
+
+Only eager mode takes these paths: under tracing, scripting, ONNX export, torch.compile or
+functorch transforms the blocks run their plain composite path (which computes the same numbers).
+Double backward needs `composite_autograd()` (once_differentiable here).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
+try:
+    from gcnet import _C as _native
+except ImportError:  # built only where setup.py could compile it
+    _native = None
 
 _ENABLED = True
+_NATIVE_ENABLED = True
 
 
 @contextlib.contextmanager
@@ -48,15 +58,52 @@ def composite_requested() -> bool:
     return not _ENABLED
 
 
-def fused_enabled(*tensors: Tensor | None) -> bool:
-    """True when the eager autograd fast path may run: grad is wanted and nothing is tracing."""
+def _eager() -> bool:
     if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    if torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active():
-        return False
-    if not torch.is_grad_enabled():
+    return not (torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active())
+
+
+def fused_enabled(*tensors: Tensor | None) -> bool:
+    """True when the eager autograd fast path may run: grad is wanted and nothing is tracing."""
+    if not _eager() or not torch.is_grad_enabled():
         return False
     return any(t is not None and t.requires_grad for t in tensors)
+
+
+def native_kernels_available() -> bool:
+    """True when the CPU kernels `gcnet._C` were built with this install (an optimisation only)."""
+    return _native is not None
+
+
+@contextlib.contextmanager
+def native_kernels(enabled: bool) -> Iterator[None]:
+    """Allow (True) or forbid (False) the CPU kernels inside this context, e.g. to compare paths."""
+    global _NATIVE_ENABLED
+    previous, _NATIVE_ENABLED = _NATIVE_ENABLED, enabled
+    try:
+        yield
+    finally:
+        _NATIVE_ENABLED = previous
+
+
+def _native_layout(positions: Tensor) -> bool:
+    return positions.is_contiguous() or positions.transpose(1, 2).is_contiguous()
+
+
+def _use_native(positions: Tensor) -> bool:
+    """The CPU kernels run one sample per thread; smaller batches keep BLAS's threading."""
+    return (
+        _native is not None
+        and _NATIVE_ENABLED
+        and _eager()
+        and not is_in_torch_dispatch_mode()  # e.g. FlopCounterMode sees only dispatched ops
+        and positions.device.type == "cpu"
+        and positions.dtype in (torch.float32, torch.float64)
+        and type(positions) is Tensor
+        and positions.shape[0] >= torch.get_num_threads()
+        and _native_layout(positions)
+    )
 
 
 def attention_logits(positions: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -75,6 +122,18 @@ def weighted_pool(positions: Tensor, weights: Tensor) -> Tensor:
     channels_last memory; (B, C, N) @ (B, N, 1) is ~2x slower on CPU.
     """
     return torch.bmm(weights, positions.transpose(1, 2)).squeeze(1)  # (B, C)
+
+
+def attention_pool(positions: Tensor, weight: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+    """alpha = softmax_j(W_k x_j + b_k), (B, 1, N), and the context sum_j alpha_j x_j, (B, C).
+
+    Through the CPU kernels when they apply and no gradient is wanted (they build no graph).
+    """
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, weight, bias))
+    if not wants_grad and _use_native(positions):
+        return _native.attention_pool(positions, weight.reshape(-1).contiguous(), bias)
+    weights = attention_logits(positions, weight, bias).softmax(dim=-1)  # (B, 1, N)
+    return weights, weighted_pool(positions, weights)
 
 
 def _transposed_is_dense(t: Tensor) -> bool:
@@ -100,20 +159,18 @@ class AttentionPoolAdd(torch.autograd.Function):
         *params: Tensor,
     ) -> Tensor:
         B, C = x.shape[:2]
-        positions = x.flatten(2)  # (B, C, N)
-        weights = attention_logits(positions, key_weight, key_bias).softmax(dim=-1)  # (B, 1, N)
-        context = weighted_pool(positions, weights)  # (B, C)
+        weights, context = attention_pool(x.flatten(2), key_weight, key_bias)  # (B, 1, N), (B, C)
         with torch.enable_grad():
             leaf = context.detach().requires_grad_(True)
             add = transform(leaf)  # (B, C)
-        ctx.save_for_backward(x, key_weight, weights, *params)
+        ctx.save_for_backward(x, key_weight, weights, context, *params)
         ctx.graph = (leaf, add)
         return x + add.detach().view(B, C, *([1] * (x.dim() - 2)))  # (B, C, *positions)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, key_weight, weights, *params = ctx.saved_tensors
+        x, key_weight, weights, context, *params = ctx.saved_tensors
         leaf, add = ctx.graph
         needs = ctx.needs_input_grad
         B, C = x.shape[:2]
@@ -128,6 +185,14 @@ class AttentionPoolAdd(torch.autograd.Function):
         grad_params = [next(found) if need else None for need in needs[4:]]
 
         positions = x.flatten(2)  # (B, C, N)
+        same_layout = positions.is_contiguous() == grad.is_contiguous() and _native_layout(grad)
+        if needs[0] and same_layout and _use_native(positions):
+            grad_x, grad_key_weight, grad_key_bias = _native.attention_pool_add_backward(
+                positions, grad, key_weight.reshape(-1).contiguous(), weights, context, grad_context.contiguous()
+            )
+            return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,
+                    grad_key_bias if needs[2] else None, None, *grad_params)
+
         # d loss / d alpha_j = grad_context . x_j, then the softmax backward.
         grad_weights = torch.bmm(grad_context.unsqueeze(1), positions)  # (B, 1, N)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from gcnet.blocks._checks import check_choice, check_input, check_positive_int, reduced_channels
-from gcnet.blocks._fused import AttentionPoolAdd, attention_logits, fused_enabled, weighted_pool
+from gcnet.blocks._fused import AttentionPoolAdd, attention_logits, attention_pool, fused_enabled
 
 Pooling = Literal["attention", "average"]
 Fusion = Literal["add", "scale", "both"]
@@ -145,7 +145,7 @@ class GlobalContext(nn.Module):
     def _pool(self, positions: Tensor) -> Tensor:
         if self.key is None:
             return positions.mean(dim=-1)  # (B, C)
-        return weighted_pool(positions, self._weights(positions))  # (B, C)
+        return attention_pool(positions, self.key.weight, self.key.bias)[1]  # (B, C)
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)

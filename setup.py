@@ -1,0 +1,42 @@
+"""Build hook for the optional CPU kernels `gcnet._C` (metadata lives in pyproject.toml).
+
+They need torch at build time: `pip install --no-build-isolation .` after torch (the Makefile does
+this). Without torch, off Linux, with GCNET_NATIVE=0, or when the compiler fails, gcnet installs
+without them and the blocks run their PyTorch paths, which compute the same numbers.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from setuptools import setup
+
+
+def native_extension() -> dict:
+    if os.environ.get("GCNET_NATIVE", "1") == "0" or not sys.platform.startswith("linux"):
+        return {}
+    try:
+        from torch.utils.cpp_extension import BuildExtension, CppExtension
+    except ImportError:
+        print("gcnet: torch is not importable at build time; installing without the CPU kernels", file=sys.stderr)
+        return {}
+
+    class OptionalBuild(BuildExtension):
+        def build_extension(self, ext) -> None:
+            try:
+                super().build_extension(ext)
+            except Exception as error:  # noqa: BLE001 - the kernels are an optimisation: never fail the install
+                print(f"gcnet: building {ext.name} failed ({error}); installing without the CPU kernels",
+                      file=sys.stderr)
+
+    kernels = CppExtension(
+        "gcnet._C",
+        ["src/gcnet/csrc/attention_pool.cpp"],
+        extra_compile_args=["-O3", "-fopenmp"],
+        extra_link_args=["-fopenmp"],
+    )
+    return {"ext_modules": [kernels], "cmdclass": {"build_ext": OptionalBuild}}
+
+
+setup(**native_extension())
