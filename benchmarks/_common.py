@@ -2,6 +2,9 @@
 
 Timings are medians over rounds in which every case runs once, in turn, so load from other
 processes hits all cases of a table alike; ratios within one table are the numbers to trust.
+The block benchmarks evict the CPU caches before every timed call (`CacheEviction`, as
+triton.testing.do_bench clears a GPU's L2): a memory-bound case then reads its inputs from main
+memory, whatever the case before it left in a last-level cache that holds whole activations.
 By default the glibc allocator is told to keep freed memory (`retain_freed_memory`): otherwise
 every buffer over its mmap threshold comes back from the kernel as fresh pages on each call, and
 page faults (zeroing 25-100 MB per buffer) decide the timings, in an order-dependent way (a case
@@ -22,8 +25,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import torch
 
@@ -65,11 +68,11 @@ def configure_allocator(system: bool) -> str:
     return "glibc, freed memory retained" if retain_freed_memory() else "system default (not glibc)"
 
 
-def start_run(threads: int, system_allocator: bool) -> dict[str, str]:
+def start_run(threads: int, system_allocator: bool, **details: str) -> dict[str, str]:
     """Set threads, seed and allocator for a benchmark run; print and return its environment."""
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    info = {**environment(), "allocator": configure_allocator(system_allocator)}
+    info = {**environment(), "allocator": configure_allocator(system_allocator), **details}
     print(" | ".join(f"{k}: {v}" for k, v in info.items()), f"| load: {load()}\n", flush=True)
     return info
 
@@ -89,6 +92,9 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
     }
+    from gcnet.blocks import native_kernels_available
+
+    info["gcnet CPU kernels"] = "built" if native_kernels_available() else "not built (PyTorch paths)"
     try:
         import timm
 
@@ -109,11 +115,59 @@ class Timing:
         return statistics.median(self.seconds) * 1e3
 
 
-def interleaved(cases: dict[str, Callable[[], object]], rounds: int, warmup: int = 2) -> dict[str, Timing]:
-    """Run every case once per round, in turn; return the timings of the rounds after `warmup`."""
+def last_level_cache_bytes() -> int | None:
+    """Size of CPU 0's largest cache level from sysfs (Linux), or None where it is not reported."""
+    sizes: dict[int, int] = {}
+    root = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in (name for name in os.listdir(root) if name.startswith("index")):
+            with open(f"{root}/{index}/level") as f:
+                level = int(f.read())
+            with open(f"{root}/{index}/size") as f:
+                text = f.read().strip()
+            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+            sizes[level] = int(text.rstrip("KMG")) * scale
+    except (OSError, ValueError):
+        return None
+    return sizes[max(sizes)] if sizes else None
+
+
+class CacheEviction:
+    """Read a buffer larger than the last-level cache, so the next call starts cold.
+
+    Reads, not writes: a written buffer would leave the cache full of dirty lines, and the timed
+    call would pay for writing them back (a fixed cost that shrinks every ratio).
+    """
+
+    def __init__(self, mib: int) -> None:
+        self.mib = mib
+        self.buffer = torch.zeros(mib * 2**20 // 4) if mib > 0 else None
+
+    @staticmethod
+    def mib_for_this_machine() -> int:
+        """Twice the last-level cache (a cache is not perfectly LRU), at least 64 MiB."""
+        return max(64, 2 * (last_level_cache_bytes() or 0) // 2**20)
+
+    def __call__(self) -> None:
+        if self.buffer is not None:
+            self.buffer.sum()
+
+
+def interleaved(
+    cases: dict[str, Callable[[], object]],
+    rounds: int,
+    warmup: int = 2,
+    before_each: Callable[[], None] | None = None,
+) -> dict[str, Timing]:
+    """Run every case once per round, in turn; return the timings of the rounds after `warmup`.
+
+    `before_each` runs, untimed, before every call (e.g. a `CacheEviction`).
+    """
     timings = {name: Timing() for name in cases}
     for round_index in range(warmup + rounds):
         for name, run in cases.items():
+            if before_each is not None:
+                before_each()
             start = time.perf_counter()
             run()
             elapsed = time.perf_counter() - start

@@ -16,6 +16,8 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from benchmarks._common import (
+    CacheEviction,
     add_allocator_option,
     interleaved,
     load,
@@ -130,15 +133,16 @@ class TimmGlobalContext(nn.Module):
         return self.inner(x)
 
 
-class WithoutFastPath(nn.Module):
-    """Run `block` on its plain composite autograd path (gcnet.blocks.composite_autograd)."""
+class InContext(nn.Module):
+    """Run `block` inside a context from `make_context`, e.g. gcnet.blocks.composite_autograd."""
 
-    def __init__(self, block: nn.Module) -> None:
+    def __init__(self, block: nn.Module, make_context: Callable[[], AbstractContextManager[None]]) -> None:
         super().__init__()
         self.block = block
+        self.make_context = make_context
 
     def forward(self, x: Tensor) -> Tensor:
-        with _fused.composite_autograd():
+        with self.make_context():
             return self.block(x)
 
 
@@ -148,7 +152,11 @@ def gc_cases(shape: Shape, compile_: bool = False) -> dict[str, nn.Module]:
     cases: dict[str, nn.Module] = {
         "floor (x + x.sum over positions)": Floor(),
         "gcnet GC r16 (add)": gc,
-        "gcnet GC, composite autograd": WithoutFastPath(gc),
+    }
+    if _fused.native_kernels_available():
+        cases["gcnet GC, PyTorch ops (no CPU kernels)"] = InContext(gc, lambda: _fused.native_kernels(False))
+    cases |= {
+        "gcnet GC, composite autograd": InContext(gc, _fused.composite_autograd),
         "naive GC (mmcv-style)": NaiveGlobalContext(gc),
     }
     if timm_layers is not None:
@@ -267,15 +275,18 @@ def run_memory_case(spec: str, threads: int) -> None:
     print(json.dumps({"peak_mib": peak_growth_mib(run)}))
 
 
-def bench_shape(suite: str, shape: Shape, rounds: int, memory: bool, compile_: bool, quick: bool) -> dict:
+def bench_shape(
+    suite: str, shape: Shape, rounds: int, memory: bool, compile_: bool, quick: bool,
+    evict: CacheEviction | None = None,
+) -> dict:
     x, grad = make_inputs(shape)
     modules = build(suite, shape, compile_)
     cases = {name: Case(module, x, grad) for name, module in modules.items()}
     load_before = load()
     agreement = check_agreement(modules, x.detach())
     warmup = 2 if suite == "gc" else 1
-    forward = interleaved({n: c.forward for n, c in cases.items()}, max(rounds, 2), warmup)
-    backward = interleaved({n: c.forward_backward for n, c in cases.items()}, rounds, warmup)
+    forward = interleaved({n: c.forward for n, c in cases.items()}, max(rounds, 2), warmup, evict)
+    backward = interleaved({n: c.forward_backward for n, c in cases.items()}, rounds, warmup, evict)
     peaks: dict[str, float | str] = {}
     if memory:
         names = [n for n in cases if "compile" not in n]
@@ -364,13 +375,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     )
     parser.add_argument("--shape", action="append", help="only these shapes, e.g. 32x256x56x56 (repeatable)")
     parser.add_argument("--json", help="also write the results as JSON to this path")
+    parser.add_argument(
+        "--warm-cache", action="store_true",
+        help="do not evict the CPU caches before each timed call (then a case's time depends on the case before it)",
+    )
     add_allocator_option(parser)
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_case:
         run_memory_case(args.memory_case, args.threads)
         return []
-    run_info = start_run(args.threads, args.system_allocator)
+    evict = None
+    if not args.warm_cache:
+        evict = CacheEviction(16 if args.quick else CacheEviction.mib_for_this_machine())
+    caches = f"evicted before each call ({evict.mib} MiB buffer)" if evict else "warm (not evicted)"
+    run_info = start_run(args.threads, args.system_allocator, caches=caches)
     results = []
     plan: list[tuple[str, Shape]] = []
     if args.suite in ("gc", "all"):
@@ -386,7 +405,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # Quick mode measures memory once per suite (fresh processes cost seconds each).
         first = shape == (GC_SHAPES if suite == "gc" else NL_SHAPES)[args.quick][0]
         memory = not args.no_memory and (first or not args.quick)
-        result = bench_shape(suite, shape, rounds, memory, args.compile and suite == "gc", args.quick)
+        result = bench_shape(suite, shape, rounds, memory, args.compile and suite == "gc", args.quick, evict)
         results.append(result)
         print(format_result(result), flush=True)
     if args.json:

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from benchmarks import blocks, models
+from benchmarks import _common, blocks, models
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
 
@@ -49,3 +49,26 @@ def test_glibc_accepts_the_retained_heap_settings() -> None:
     code = "from benchmarks._common import retain_freed_memory\nprint(retain_freed_memory())\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"
+
+
+def test_cache_eviction_runs_before_every_timed_call() -> None:
+    order: list[str] = []
+    evict = _common.CacheEviction(1)
+    assert evict.buffer.numel() * evict.buffer.element_size() == 2**20
+
+    def before_each() -> None:
+        evict()
+        order.append("evict")
+
+    timings = _common.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 2, 1, before_each)
+    assert order == ["evict", "a", "evict", "b"] * 3
+    assert len(timings["a"].seconds) == 2
+    assert _common.CacheEviction(0).buffer is None
+
+
+def test_eviction_buffer_outgrows_the_last_level_cache() -> None:
+    llc = _common.last_level_cache_bytes()
+    mib = _common.CacheEviction.mib_for_this_machine()
+    assert mib >= 64
+    if llc is not None:
+        assert mib * 2**20 >= 2 * llc
