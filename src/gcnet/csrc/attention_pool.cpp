@@ -39,13 +39,41 @@ int64_t block_positions(int64_t C, int64_t N, int64_t element_size, bool channel
   return positions_in(384 * 1024);
 }
 
+// Online softmax over positions, one block at a time; the caller accumulates the context.
+template <typename T>
+struct OnlineSoftmax {
+  T max = -std::numeric_limits<T>::infinity();
+  T total = 0;
+
+  // weights_j = exp(logits_j - new max) for the block; returns the factor for what was summed so far.
+  GCNET_INLINE T add_block(const T* logits, int64_t n, T* weights) {
+    T block_max = max;
+    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, logits[j]);
+    const T rescale = std::exp(max - block_max);
+    T block_total = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      weights[j] = std::exp(logits[j] - block_max);
+      block_total += weights[j];
+    }
+    total = total * rescale + block_total;
+    max = block_max;
+    return rescale;
+  }
+
+  // Normalises the context (C) and turns the logits kept in alpha (N) into the softmax.
+  GCNET_INLINE void finish(T* context, int64_t C, T* alpha, int64_t N) const {
+    const T inverse = T(1) / total;
+    for (int64_t c = 0; c < C; ++c) context[c] *= inverse;
+    for (int64_t j = 0; j < N; ++j) alpha[j] = std::exp(alpha[j] - max) * inverse;
+  }
+};
+
 // x: (C, N), positions contiguous. alpha (N) holds the logits until the softmax; weights is scratch (P).
 template <typename T>
 GCNET_INLINE void pool_forward_cn(const T* x, int64_t C, int64_t N, int64_t P, const T* w, T b, T* alpha,
                                   T* context, T* weights) {
   std::fill(context, context + C, T(0));
-  T running_max = -std::numeric_limits<T>::infinity();
-  T total = 0;
+  OnlineSoftmax<T> softmax;
   for (int64_t j0 = 0; j0 < N; j0 += P) {
     const int64_t n = std::min(P, N - j0);
     T* logits = alpha + j0;
@@ -55,16 +83,7 @@ GCNET_INLINE void pool_forward_cn(const T* x, int64_t C, int64_t N, int64_t P, c
       const T wc = w[c];
       for (int64_t j = 0; j < n; ++j) logits[j] += wc * row[j];
     }
-    T block_max = running_max;
-    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, logits[j]);
-    const T rescale = std::exp(running_max - block_max);
-    T block_total = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      weights[j] = std::exp(logits[j] - block_max);
-      block_total += weights[j];
-    }
-    total = total * rescale + block_total;
-    running_max = block_max;
+    const T rescale = softmax.add_block(logits, n, weights);
     for (int64_t c = 0; c < C; ++c) {
       const T* row = x + c * N + j0;
       T acc = 0;
@@ -73,9 +92,7 @@ GCNET_INLINE void pool_forward_cn(const T* x, int64_t C, int64_t N, int64_t P, c
       context[c] = context[c] * rescale + acc;
     }
   }
-  const T inverse = T(1) / total;
-  for (int64_t c = 0; c < C; ++c) context[c] *= inverse;
-  for (int64_t j = 0; j < N; ++j) alpha[j] = std::exp(alpha[j] - running_max) * inverse;
+  softmax.finish(context, C, alpha, N);
 }
 
 // x: (N, C), channels contiguous.
@@ -83,28 +100,18 @@ template <typename T>
 GCNET_INLINE void pool_forward_nc(const T* x, int64_t C, int64_t N, int64_t P, const T* w, T b, T* alpha,
                                   T* context, T* weights) {
   std::fill(context, context + C, T(0));
-  T running_max = -std::numeric_limits<T>::infinity();
-  T total = 0;
+  OnlineSoftmax<T> softmax;
   for (int64_t j0 = 0; j0 < N; j0 += P) {
     const int64_t n = std::min(P, N - j0);
     T* logits = alpha + j0;
-    T block_max = running_max;
     for (int64_t j = 0; j < n; ++j) {
       const T* row = x + (j0 + j) * C;
       T acc = b;
 #pragma omp simd reduction(+ : acc)
       for (int64_t c = 0; c < C; ++c) acc += w[c] * row[c];
       logits[j] = acc;
-      block_max = std::max(block_max, acc);
     }
-    const T rescale = std::exp(running_max - block_max);
-    T block_total = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      weights[j] = std::exp(logits[j] - block_max);
-      block_total += weights[j];
-    }
-    total = total * rescale + block_total;
-    running_max = block_max;
+    const T rescale = softmax.add_block(logits, n, weights);
     for (int64_t c = 0; c < C; ++c) context[c] *= rescale;
     for (int64_t j = 0; j < n; ++j) {
       const T* row = x + (j0 + j) * C;
@@ -112,9 +119,7 @@ GCNET_INLINE void pool_forward_nc(const T* x, int64_t C, int64_t N, int64_t P, c
       for (int64_t c = 0; c < C; ++c) context[c] += e * row[c];
     }
   }
-  const T inverse = T(1) / total;
-  for (int64_t c = 0; c < C; ++c) context[c] *= inverse;
-  for (int64_t j = 0; j < N; ++j) alpha[j] = std::exp(alpha[j] - running_max) * inverse;
+  softmax.finish(context, C, alpha, N);
 }
 
 // mean_term = grad_context . context; grad_logits (N) doubles as the scratch for grad_context . x_j.
