@@ -68,22 +68,41 @@ struct OnlineSoftmax {
   }
 };
 
-// x: (C, N), positions contiguous. alpha (N) holds the logits until the softmax; weights is scratch (P).
-template <typename T>
-GCNET_INLINE void pool_forward_cn(const T* x, int64_t C, int64_t N, int64_t P, const T* w, T b, T* alpha,
-                                  T* context, T* weights) {
-  std::fill(context, context + C, T(0));
-  OnlineSoftmax<T> softmax;
-  for (int64_t j0 = 0; j0 < N; j0 += P) {
-    const int64_t n = std::min(P, N - j0);
-    T* logits = alpha + j0;
+// w . x_j + b for positions [j0, j0 + n) (the logits; with w = grad_context, b = 0, the backward's
+// d alpha_j). x: (C, N) positions contiguous, or (N, C) channels contiguous.
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void block_logits(const T* x, int64_t C, int64_t N, int64_t j0, int64_t n, const T* w, T b,
+                               T* logits) {
+  if constexpr (kChannelsLast) {
+    for (int64_t j = 0; j < n; ++j) {
+      const T* row = x + (j0 + j) * C;
+      T acc = b;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t c = 0; c < C; ++c) acc += w[c] * row[c];
+      logits[j] = acc;
+    }
+  } else {
     std::fill(logits, logits + n, b);
     for (int64_t c = 0; c < C; ++c) {
       const T* row = x + c * N + j0;
       const T wc = w[c];
       for (int64_t j = 0; j < n; ++j) logits[j] += wc * row[j];
     }
-    const T rescale = softmax.add_block(logits, n, weights);
+  }
+}
+
+// context = context * rescale + sum_j weights_j x_j over positions [j0, j0 + n).
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void block_accumulate(const T* x, int64_t C, int64_t N, int64_t j0, int64_t n, const T* weights,
+                                   T rescale, T* context) {
+  if constexpr (kChannelsLast) {
+    for (int64_t c = 0; c < C; ++c) context[c] *= rescale;
+    for (int64_t j = 0; j < n; ++j) {
+      const T* row = x + (j0 + j) * C;
+      const T e = weights[j];
+      for (int64_t c = 0; c < C; ++c) context[c] += e * row[c];
+    }
+  } else {
     for (int64_t c = 0; c < C; ++c) {
       const T* row = x + c * N + j0;
       T acc = 0;
@@ -92,63 +111,54 @@ GCNET_INLINE void pool_forward_cn(const T* x, int64_t C, int64_t N, int64_t P, c
       context[c] = context[c] * rescale + acc;
     }
   }
-  softmax.finish(context, C, alpha, N);
 }
 
-// x: (N, C), channels contiguous.
-template <typename T>
-GCNET_INLINE void pool_forward_nc(const T* x, int64_t C, int64_t N, int64_t P, const T* w, T b, T* alpha,
-                                  T* context, T* weights) {
+// alpha (N) holds the logits until the softmax; weights is scratch (P).
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void pool_forward(const T* x, int64_t C, int64_t N, int64_t P, const T* w, T b, T* alpha, T* context,
+                               T* weights) {
   std::fill(context, context + C, T(0));
   OnlineSoftmax<T> softmax;
   for (int64_t j0 = 0; j0 < N; j0 += P) {
     const int64_t n = std::min(P, N - j0);
-    T* logits = alpha + j0;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* row = x + (j0 + j) * C;
-      T acc = b;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < C; ++c) acc += w[c] * row[c];
-      logits[j] = acc;
-    }
-    const T rescale = softmax.add_block(logits, n, weights);
-    for (int64_t c = 0; c < C; ++c) context[c] *= rescale;
-    for (int64_t j = 0; j < n; ++j) {
-      const T* row = x + (j0 + j) * C;
-      const T e = weights[j];
-      for (int64_t c = 0; c < C; ++c) context[c] += e * row[c];
-    }
+    block_logits<T, kChannelsLast>(x, C, N, j0, n, w, b, alpha + j0);
+    const T rescale = softmax.add_block(alpha + j0, n, weights);
+    block_accumulate<T, kChannelsLast>(x, C, N, j0, n, weights, rescale, context);
   }
   softmax.finish(context, C, alpha, N);
 }
 
-// mean_term = grad_context . context; grad_logits (N) doubles as the scratch for grad_context . x_j.
-template <typename T>
-GCNET_INLINE void pool_backward_cn(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t P, const T* w,
-                                   const T* alpha, const T* grad_context, T mean_term, T* grad_x, T* grad_w,
-                                   T* grad_logits) {
-  std::fill(grad_w, grad_w + C, T(0));
-  for (int64_t j0 = 0; j0 < N; j0 += P) {
-    const int64_t n = std::min(P, N - j0);
-    T* dl = grad_logits + j0;
-    const T* a = alpha + j0;
-    std::fill(dl, dl + n, T(0));
-    for (int64_t c = 0; c < C; ++c) {
-      const T* row = x + c * N + j0;
-      const T d = grad_context[c];
-      for (int64_t j = 0; j < n; ++j) dl[j] += d * row[j];
+// grad_x = grad_out + grad_context alpha_j + w dl_j and grad_w += sum_j dl_j x_j over [j0, j0 + n);
+// alpha and dl point at the block.
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void block_grad_x(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t j0, int64_t n,
+                               const T* w, const T* alpha, const T* grad_context, const T* dl, T* grad_x,
+                               T* grad_w) {
+  if constexpr (kChannelsLast) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t offset = (j0 + j) * C;
+      const T* row = x + offset;
+      const T* g = grad_out + offset;
+      T* out = grad_x + offset;
+      const T a = alpha[j];
+      const T d = dl[j];
+      for (int64_t c = 0; c < C; ++c) {
+        out[c] = g[c] + a * grad_context[c] + d * w[c];
+        grad_w[c] += d * row[c];
+      }
     }
-    for (int64_t j = 0; j < n; ++j) dl[j] = a[j] * (dl[j] - mean_term);
+  } else {
     for (int64_t c = 0; c < C; ++c) {
-      const T* row = x + c * N + j0;
-      const T* g = grad_out + c * N + j0;
-      T* out = grad_x + c * N + j0;
+      const int64_t offset = c * N + j0;
+      const T* row = x + offset;
+      const T* g = grad_out + offset;
+      T* out = grad_x + offset;
       const T d = grad_context[c];
       const T wc = w[c];
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < n; ++j) {
-        out[j] = g[j] + d * a[j] + wc * dl[j];
+        out[j] = g[j] + d * alpha[j] + wc * dl[j];
         acc += dl[j] * row[j];
       }
       grad_w[c] += acc;
@@ -156,31 +166,18 @@ GCNET_INLINE void pool_backward_cn(const T* x, const T* grad_out, int64_t C, int
   }
 }
 
-template <typename T>
-GCNET_INLINE void pool_backward_nc(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t P, const T* w,
-                                   const T* alpha, const T* grad_context, T mean_term, T* grad_x, T* grad_w,
-                                   T* grad_logits) {
+// mean_term = grad_context . context; grad_logits (N) first holds grad_context . x_j.
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void pool_backward(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t P, const T* w,
+                                const T* alpha, const T* grad_context, T mean_term, T* grad_x, T* grad_w,
+                                T* grad_logits) {
   std::fill(grad_w, grad_w + C, T(0));
   for (int64_t j0 = 0; j0 < N; j0 += P) {
     const int64_t n = std::min(P, N - j0);
-    for (int64_t j = j0; j < j0 + n; ++j) {
-      const T* row = x + j * C;
-      T acc = 0;
-#pragma omp simd reduction(+ : acc)
-      for (int64_t c = 0; c < C; ++c) acc += grad_context[c] * row[c];
-      grad_logits[j] = alpha[j] * (acc - mean_term);
-    }
-    for (int64_t j = j0; j < j0 + n; ++j) {
-      const T* row = x + j * C;
-      const T* g = grad_out + j * C;
-      T* out = grad_x + j * C;
-      const T a = alpha[j];
-      const T dl = grad_logits[j];
-      for (int64_t c = 0; c < C; ++c) {
-        out[c] = g[c] + a * grad_context[c] + dl * w[c];
-        grad_w[c] += dl * row[c];
-      }
-    }
+    T* dl = grad_logits + j0;
+    block_logits<T, kChannelsLast>(x, C, N, j0, n, grad_context, T(0), dl);
+    for (int64_t j = 0; j < n; ++j) dl[j] = alpha[j0 + j] * (dl[j] - mean_term);
+    block_grad_x<T, kChannelsLast>(x, grad_out, C, N, j0, n, w, alpha + j0, grad_context, dl, grad_x, grad_w);
   }
 }
 
@@ -188,17 +185,19 @@ GCNET_INLINE void pool_backward_nc(const T* x, const T* grad_out, int64_t C, int
   GCNET_CLONES void forward_sample(bool channels_last, const T* x, int64_t C, int64_t N, int64_t P,          \
                                    const T* w, T b, T* alpha, T* context, T* weights) {                      \
     if (channels_last)                                                                                       \
-      pool_forward_nc(x, C, N, P, w, b, alpha, context, weights);                                            \
+      pool_forward<T, true>(x, C, N, P, w, b, alpha, context, weights);                                      \
     else                                                                                                     \
-      pool_forward_cn(x, C, N, P, w, b, alpha, context, weights);                                            \
+      pool_forward<T, false>(x, C, N, P, w, b, alpha, context, weights);                                     \
   }                                                                                                          \
   GCNET_CLONES void backward_sample(bool channels_last, const T* x, const T* grad_out, int64_t C, int64_t N,  \
                                     int64_t P, const T* w, const T* alpha, const T* grad_context, T mean_term, \
                                     T* grad_x, T* grad_w, T* grad_logits) {                                  \
     if (channels_last)                                                                                       \
-      pool_backward_nc(x, grad_out, C, N, P, w, alpha, grad_context, mean_term, grad_x, grad_w, grad_logits); \
+      pool_backward<T, true>(x, grad_out, C, N, P, w, alpha, grad_context, mean_term, grad_x, grad_w,          \
+                             grad_logits);                                                                   \
     else                                                                                                     \
-      pool_backward_cn(x, grad_out, C, N, P, w, alpha, grad_context, mean_term, grad_x, grad_w, grad_logits); \
+      pool_backward<T, false>(x, grad_out, C, N, P, w, alpha, grad_context, mean_term, grad_x, grad_w,         \
+                              grad_logits);                                                                  \
   }
 
 GCNET_SAMPLE_KERNELS(float)
