@@ -44,9 +44,14 @@ def spy(monkeypatch: pytest.MonkeyPatch) -> Spy:
 
 
 def laid_out(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """x, or the same values with channels contiguous (channels_last for any number of position dims)."""
     if not channels_last:
         return x
-    return x.transpose(1, -1).contiguous().transpose(1, -1)  # channels contiguous for any rank
+    rank = x.dim()
+    y = x.permute(0, *range(2, rank), 1).contiguous().permute(0, rank - 1, *range(1, rank - 1))
+    positions = y.flatten(2)
+    assert positions.transpose(1, 2).is_contiguous() and not positions.is_contiguous()
+    return y
 
 
 def test_kernels_are_built_where_the_install_builds_them() -> None:
