@@ -77,6 +77,14 @@ def start_run(threads: int, system_allocator: bool, **details: str) -> dict[str,
     return info
 
 
+def write_json(path: str, environment: dict[str, str], **payload: object) -> None:
+    """Write a run's environment and results to `path` (atomically: an interrupted run leaves the old file)."""
+    from gcnet.engine.checkpoint import atomic_write
+
+    text = json.dumps({"environment": environment, **payload}, indent=1)
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
 def environment() -> dict[str, str]:
     """Machine and versions, for the header of a result."""
     cpu = platform.processor() or platform.machine()

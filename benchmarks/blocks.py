@@ -35,6 +35,7 @@ from benchmarks._common import (
     peak_growth_mib,
     ratio,
     start_run,
+    write_json,
 )
 from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, _fused
 
@@ -409,8 +410,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         results.append(result)
         print(format_result(result), flush=True)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": run_info, "results": results}, f, indent=1)
+        write_json(args.json, run_info, results=results)
     return results
 
 

@@ -11,7 +11,6 @@ processes hits them alike; the ratios to ResNet-50 are the numbers to read.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 
@@ -27,6 +26,7 @@ from benchmarks._common import (
     ms,
     ratio,
     start_run,
+    write_json,
 )
 from gcnet.models import create_model
 
@@ -119,8 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
         "load_before": load_before, "load_after": load(), "rows": rows,
     }
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"environment": run_info, "result": result}, f, indent=1)
+        write_json(args.json, run_info, result=result)
     return result
 
 
