@@ -78,7 +78,17 @@ def _check_temporal(temporal_kernels: Sequence[int], dims: int) -> tuple[int, in
     return (temporal_kernels[0], temporal_kernels[1])
 
 
-class BasicBlock(nn.Module):
+class _ContextSlot(nn.Module):
+    """A residual block with an optional context block at `self.position`."""
+
+    context: nn.Module | None
+    position: str
+
+    def _context_at(self, where: str, out: Tensor) -> Tensor:
+        return self.context(out) if self.context is not None and self.position == where else out
+
+
+class BasicBlock(_ContextSlot):
     """BasicBlock: 3x3 [+context after_3x3], 3x3 [+context before_add], add, ReLU [+context after_add].
 
     Args:
@@ -136,20 +146,17 @@ class BasicBlock(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        if self.context is not None and self.position == "after_3x3":
-            out = self.context(out)
+        out = self._context_at("after_3x3", out)
         out = self.bn2(self.conv2(out))
-        if self.context is not None and self.position == "before_add":
-            out = self.context(out)
+        out = self._context_at("before_add", out)
         if self.downsample is not None:
             identity = self.downsample(x)
         out = self.relu(out + identity)
-        if self.context is not None and self.position == "after_add":
-            out = self.context(out)
+        out = self._context_at("after_add", out)
         return out
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(_ContextSlot):
     """Bottleneck: 1x1, 3x3 [+context after_3x3], 1x1 [+context before_add], add, ReLU [+context after_add].
 
     The stride sits on the 3x3 conv (torchvision's "ResNet v1.5"). ResNeXt makes the 3x3 grouped.
@@ -214,16 +221,13 @@ class Bottleneck(nn.Module):
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        if self.context is not None and self.position == "after_3x3":
-            out = self.context(out)
+        out = self._context_at("after_3x3", out)
         out = self.bn3(self.conv3(out))
-        if self.context is not None and self.position == "before_add":
-            out = self.context(out)
+        out = self._context_at("before_add", out)
         if self.downsample is not None:
             identity = self.downsample(x)
         out = self.relu(out + identity)
-        if self.context is not None and self.position == "after_add":
-            out = self.context(out)
+        out = self._context_at("after_add", out)
         return out
 
 
