@@ -131,8 +131,8 @@ def test_bad_arguments_are_named(kwargs: dict, error: type, match: str) -> None:
 @pytest.mark.parametrize(
     "x,error,match",
     [
-        (torch.randn(2, 4, 5, 5), ValueError, r"expects 8 channels \(dim 1\), got 4"),
-        (torch.randn(2, 8), ValueError, r"expects input \(B, C, L\) or \(B, C, H, W\) or \(B, C, T, H, W\), got shape \(2, 8\)"),
+        (torch.randn(2, 4, 5, 5), ValueError, r"expects 8 input channels \(dim 1\), got 4"),
+        (torch.randn(2, 8), ValueError, r"expects input \(B, C, L\) or \(B, C, H, W\) or \(B, C, T, H, W\) with C=8, got shape \(2, 8\)"),
         (torch.randn(2, 8, 1, 1, 1, 1), ValueError, "got shape"),
         (torch.randn(2, 8, 0, 5), ValueError, r"non-empty input, got shape \(2, 8, 0, 5\)"),
         (torch.ones(2, 8, 3, 3, dtype=torch.long), TypeError, "floating-point input, got dtype torch.int64"),

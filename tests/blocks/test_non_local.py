@@ -125,9 +125,9 @@ def test_bad_arguments_are_named(kwargs: dict, error: type, match: str) -> None:
 @pytest.mark.parametrize(
     "block,x,error,match",
     [
-        (NonLocal(8, dims=2), torch.randn(2, 8, 4, 4, 4), ValueError, r"expects input \(B, C, H, W\), got shape \(2, 8, 4, 4, 4\)"),
+        (NonLocal(8, dims=2), torch.randn(2, 8, 4, 4, 4), ValueError, r"expects input \(B, C, H, W\) with C=8, got shape \(2, 8, 4, 4, 4\)"),
         (NonLocal(8, dims=3), torch.randn(2, 8, 4, 4), ValueError, r"expects input \(B, C, T, H, W\)"),
-        (NonLocal(8, dims=1), torch.randn(2, 6, 5), ValueError, r"expects 8 channels \(dim 1\), got 6"),
+        (NonLocal(8, dims=1), torch.randn(2, 6, 5), ValueError, r"expects 8 input channels \(dim 1\), got 6"),
         (NonLocal(8, dims=2), torch.randn(2, 8, 4, 0), ValueError, "non-empty input"),
         (NonLocal(8, dims=2), torch.zeros(2, 8, 4, 4, dtype=torch.int32), TypeError, "floating-point input, got dtype torch.int32"),
         (NonLocal(8, dims=2, subsample=True), torch.randn(2, 8, 1, 4), ValueError, r"pools by \(2, 2\); expected position dims >= \(2, 2\), got \(1, 4\)"),

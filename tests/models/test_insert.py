@@ -37,6 +37,35 @@ def test_inserted_torchvision_model_has_gcnet_keys() -> None:
     assert load_pretrained(create_model("resnet50_gc_r16"), model.state_dict(), "torchvision").exact
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnext50_32x4d"])
+def test_torchvision_blocks_are_built_by_the_gcnet_init(arch: str) -> None:
+    """Every attribute the gcnet block's __init__ sets is on the inserted block, with the value of
+    the same gcnet model built directly; keys come in the same order."""
+    model = insert_context_blocks(getattr(torchvision.models, arch)(), "gc", position="after_3x3")
+    ours = create_model(arch, context="gc", position="after_3x3")
+    for i in range(1, 5):
+        for block, built in zip(getattr(model, f"layer{i}"), getattr(ours, f"layer{i}")):
+            assert type(block) is type(built)
+            assert vars(block).keys() == vars(built).keys()
+            plain = {k: v for k, v in vars(built).items() if isinstance(v, (bool, int, str))}
+            assert {k: vars(block)[k] for k in plain} == plain
+    assert list(model.state_dict()) == list(ours.state_dict())
+
+
+def test_gcnet_model_gets_blocks_at_the_position() -> None:
+    """A gcnet ResNet with blocks inserted computes what one built with them there computes."""
+    model = randomize_(create_model("resnet18", num_classes=3)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        before = model(x)
+        insert_context_blocks(model, "gc", reduction=4, position="after_add")
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+        randomize_(model)
+        built = create_model("resnet18", num_classes=3, context="gc", reduction=4, position="after_add")
+        built.load_state_dict(model.state_dict())
+        torch.testing.assert_close(model(x), built.eval()(x))
+
+
 @pytest.mark.parametrize("position", POSITIONS)
 def test_timm_resnet_outputs_unchanged_at_insertion(position: str) -> None:
     timm = pytest.importorskip("timm")

@@ -116,6 +116,16 @@ def test_context_block_positions(block_type: type, position: str) -> None:
     assert block.context.channels == expected.shape[1]
 
 
+def test_position_set_later_moves_the_context_block() -> None:
+    """`position` takes effect when set, after construction too (as `insert_context_blocks` does)."""
+    block = randomize_(BasicBlock(4, 4, context=Recorder, position="before_add")).eval()
+    block.position = "after_add"
+    out = block(torch.randn(2, 4, 6, 6))
+    torch.testing.assert_close(block.context.seen, out)
+    with pytest.raises(ValueError, match=r"unknown position 'after_1x1'; expected one of \['before_add'"):
+        block.position = "after_1x1"
+
+
 def test_context_changes_the_output_at_its_position() -> None:
     """A non-identity (randomised) GC block changes the output, so the slot is really used."""
     for position in ("before_add", "after_3x3", "after_add"):
@@ -180,8 +190,8 @@ def test_feature_maps_for_detection() -> None:
         ({"context": "gcx"}, ValueError, "unknown block"),
         ({"context": "gc", "context_options": {"ratio": 16}}, TypeError, "unknown options"),
         ({"reduction": 4}, ValueError, "without a block"),
-        ({"nonlocal_indices": ((), (), (6,), ())}, ValueError, "0..5"),
-        ({"nonlocal_indices": ((), ())}, ValueError, "4 sequences"),
+        ({"nonlocal_indices": ((), (), (6,), ())}, ValueError, r"nonlocal_indices\[2\] holds 6; .* 0\.\.5"),
+        ({"nonlocal_indices": ((), ())}, ValueError, "nonlocal_indices must hold 4 sequences"),
         ({"num_classes": -1}, ValueError, "num_classes"),
         ({"colour": "red"}, TypeError, "unknown options"),
     ],
@@ -195,6 +205,8 @@ def test_bad_inputs_raise_clear_errors() -> None:
     model = create_model("resnet18", num_classes=2)
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         model(torch.randn(3, 32, 32))
+    with pytest.raises(ValueError, match=r"got shape \(1, 3, 2, 32, 32\); for clips use a video model"):
+        model(torch.randn(1, 3, 2, 32, 32))
     with pytest.raises(TypeError, match="floating-point"):
         model(torch.zeros(1, 3, 32, 32, dtype=torch.long))
     with pytest.raises(TypeError, match="torch.Tensor"):

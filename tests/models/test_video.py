@@ -138,7 +138,7 @@ def test_video_feature_maps_and_errors() -> None:
     }
     with pytest.raises(ValueError, match="T >= 2"):
         model(torch.randn(1, 3, 1, 32, 32))
-    with pytest.raises(ValueError, match=r"\(B, C, T, H, W\) clips"):
+    with pytest.raises(ValueError, match=r"expects input \(B, C, T, H, W\) with C=3, got shape \(1, 3, 32, 32\); for single images"):
         model(torch.randn(1, 3, 32, 32))
     with pytest.raises(TypeError, match=r"unknown options \['inflate'\]"):
         create_model("c2d_resnet50", inflate="3x3x3")

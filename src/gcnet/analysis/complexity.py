@@ -39,7 +39,7 @@ class StageComplexity:
     name: str
     residual_blocks: int
     context_blocks: int
-    between_blocks: int
+    nonlocal_blocks: int
     params: int
     flops: int
 
@@ -70,14 +70,14 @@ class Complexity:
         lines = [f"{self.model}  input {tuple(self.input_shape)}", header, "-" * len(header)]
         for s in self.stages:
             lines.append(
-                f"{s.name:<8} {s.residual_blocks:>4} {s.context_blocks:>4} {s.between_blocks:>4} "
+                f"{s.name:<8} {s.residual_blocks:>4} {s.context_blocks:>4} {s.nonlocal_blocks:>4} "
                 f"{s.params / 1e6:>11.3f} {s.macs / 1e9:>9.3f} {s.flops / 1e9:>9.3f}"
             )
         lines.append("-" * len(header))
         lines.append(
             f"{'total':<8} {sum(s.residual_blocks for s in self.stages):>4} "
             f"{sum(s.context_blocks for s in self.stages):>4} "
-            f"{sum(s.between_blocks for s in self.stages):>4} "
+            f"{sum(s.nonlocal_blocks for s in self.stages):>4} "
             f"{self.params / 1e6:>11.3f} {self.macs / 1e9:>9.3f} {self.flops / 1e9:>9.3f}"
         )
         lines.append(
@@ -143,14 +143,14 @@ def _stage_rows(model: nn.Module, counts: Mapping[str, int]) -> list[StageComple
     def group(name: str, names: Sequence[str]) -> StageComplexity:
         params = sum(count_parameters(children[n]) for n in names)
         flops = sum(counts.get(n, 0) for n in names)
-        residual = context = between = 0
+        residual = context = nonlocal_count = 0
         for n in names:
             module = children[n]
             if n.startswith("layer"):
                 residual = len(module) if hasattr(module, "__len__") else 0
                 context = sum(1 for b in module if getattr(b, "context", None) is not None)
-                between = len(getattr(module, "nonlocal_blocks", {}))
-        return StageComplexity(name, residual, context, between, params, flops)
+                nonlocal_count = len(getattr(module, "nonlocal_blocks", {}))
+        return StageComplexity(name, residual, context, nonlocal_count, params, flops)
 
     if stem:
         rows.append(group("stem", stem))

@@ -18,7 +18,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from gcnet.blocks._checks import check_choice, check_input, check_positive_int, reduced_channels
+from gcnet._checks import check_choice, check_input, check_positive_int
+from gcnet.blocks._checks import reduced_channels
 from gcnet.blocks._fused import AttentionPoolAdd, attention_logits, attention_pool, fused_enabled
 
 Pooling = Literal["attention", "average"]

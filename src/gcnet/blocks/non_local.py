@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gcnet.blocks._checks import check_choice, check_input, check_positive_int, reduced_channels
+from gcnet._checks import check_choice, check_input, check_positive_int
+from gcnet.blocks._checks import reduced_channels
 from gcnet.blocks._fused import BlockwiseAttention, composite_requested, fused_enabled
 
 Mode = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]

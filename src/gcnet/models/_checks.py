@@ -1,45 +1,12 @@
-"""Argument and input checks shared by the models: clear errors at build time or at the model's entrance."""
+"""Checks of the models alone (stages, block indices, input hints); shared checks live in `gcnet._checks`."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from torch import Tensor
-
-_LAYOUTS = {4: "(B, C, H, W) images", 5: "(B, C, T, H, W) clips"}
-
-
-def check_input(model: str, x: object, in_channels: int, rank: int) -> None:
-    """Raise if `x` is not a non-empty float tensor of `rank` dims with `in_channels` channels."""
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{model} expects a torch.Tensor, got {type(x).__name__}")
-    if x.dim() != rank:
-        hint = ""
-        if rank == 5 and x.dim() == 4:
-            hint = "; for single images use a 2D model, or add a time dim of size T"
-        elif rank == 4 and x.dim() == 5:
-            hint = "; for clips use a video model (c2d_*/i3d_*)"
-        raise ValueError(
-            f"{model} expects {_LAYOUTS[rank]} with C={in_channels}, got shape {tuple(x.shape)}{hint}"
-        )
-    if x.shape[1] != in_channels:
-        raise ValueError(
-            f"{model} expects {in_channels} input channels (dim 1), "
-            f"got {x.shape[1]} in shape {tuple(x.shape)}"
-        )
-    if not x.is_floating_point():
-        raise TypeError(f"{model} expects a floating-point input, got dtype {x.dtype}")
-    if x.numel() == 0:
-        raise ValueError(f"{model} expects a non-empty input, got shape {tuple(x.shape)}")
-
-
-def check_positive_int(name: str, value: object, minimum: int = 1) -> int:
-    """Return `value` if it is an int >= `minimum`, else raise naming the argument."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
+# Advice on a wrong input rank, keyed by the rank received: a clip given to an image model and back.
+IMAGE_INPUT_HINTS: dict[int, str] = {5: "for clips use a video model (c2d_*/i3d_*)"}
+CLIP_INPUT_HINTS: dict[int, str] = {4: "for single images use a 2D model, or add a time dim of size T"}
 
 
 def check_stages(stages: object, num_stages: int) -> tuple[bool, ...]:

@@ -74,7 +74,7 @@ def context_factory(
     )
 
 
-def between_factory(
+def nonlocal_factory(
     block: ContextSpec,
     indices: Sequence[Sequence[int]] | None,
     options: Mapping[str, Any] | None,

@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
+from gcnet._checks import check_choice, check_input, check_positive_int
 from gcnet.blocks import ContextFactory
-from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
-from gcnet.models._options import BlockOptions, ContextSpec, Position, between_factory, context_factory
+from gcnet.models._checks import IMAGE_INPUT_HINTS, check_indices, check_stages
+from gcnet.models._options import BlockOptions, ContextSpec, Position, context_factory, nonlocal_factory
 from gcnet.models.resnet import BasicBlock, init_weights, make_head, make_stage
 
 Shortcut = Literal["pad", "projection"]
@@ -66,8 +67,8 @@ class CifarResNet(nn.Module):
         stages: which of the 3 stages get context blocks; default all but the first, GCNet's c3-c5
             analogue (the first stage has 16 channels, too few for a reduction of 16 to mean much).
         position: "before_add" (default), "after_3x3" or "after_add"; see `BasicBlock`.
-        between: constructor of a block put between residual blocks.
-        between_indices: per stage, indices of the residual blocks that a `between` block follows.
+        nonlocal_block: constructor of a block put between residual blocks.
+        nonlocal_indices: per stage, indices of the residual blocks that a `nonlocal_block` follows.
         shortcut: "pad" (option A, the paper's) or "projection" (1x1 conv + BN).
         zero_init_residual: zero the last BN of every residual branch.
 
@@ -84,17 +85,16 @@ class CifarResNet(nn.Module):
         context: ContextFactory | None = None,
         stages: Sequence[bool] = (False, True, True),
         position: Position = "before_add",
-        between: ContextFactory | None = None,
-        between_indices: Sequence[Sequence[int]] | None = None,
+        nonlocal_block: ContextFactory | None = None,
+        nonlocal_indices: Sequence[Sequence[int]] | None = None,
         shortcut: Shortcut = "pad",
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
         n = check_positive_int("blocks_per_stage", blocks_per_stage)
         stages = check_stages(stages, 3)
-        indices = check_indices("between_indices", between_indices, (n, n, n))
-        if shortcut not in SHORTCUTS:
-            raise ValueError(f"unknown shortcut {shortcut!r}; expected one of {list(SHORTCUTS)}")
+        indices = check_indices("nonlocal_indices", nonlocal_indices, (n, n, n))
+        check_choice("shortcut", shortcut, SHORTCUTS)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.conv1 = nn.Conv2d(in_channels, WIDTHS[0], kernel_size=3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(WIDTHS[0])
@@ -111,8 +111,8 @@ class CifarResNet(nn.Module):
                 stride,
                 context=context if stages[i] else None,
                 position=position,
-                between=between,
-                between_indices=indices[i],
+                nonlocal_block=nonlocal_block,
+                nonlocal_indices=indices[i],
                 shortcut=pad,
             )
             self.add_module(f"layer{i + 1}", stage)
@@ -123,7 +123,7 @@ class CifarResNet(nn.Module):
         init_weights(self, zero_init_residual)
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input(type(self).__name__, x, self.in_channels, rank=4)
+        check_input(type(self).__name__, x, self.in_channels, (4,), IMAGE_INPUT_HINTS)
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
         return self.fc(self.avgpool(x).flatten(1))  # (B, 64) -> (B, num_classes)
@@ -156,7 +156,7 @@ def build_cifar_resnet(
     if (depth - 2) % 6 != 0:
         raise ValueError(f"CIFAR ResNet depth must be 6n + 2 (20, 32, 44, 56, 110, ...), got {depth}")
     factory = context_factory(context, reduction, context_options, dims=2)
-    between = between_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=2)
+    make_nonlocal = nonlocal_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=2)
     return CifarResNet(
         (depth - 2) // 6,
         num_classes=num_classes,
@@ -164,8 +164,8 @@ def build_cifar_resnet(
         context=factory,
         stages=stages,
         position=position,
-        between=between,
-        between_indices=nonlocal_indices,
+        nonlocal_block=make_nonlocal,
+        nonlocal_indices=nonlocal_indices,
         shortcut=shortcut,
         zero_init_residual=zero_init_residual,
     )

@@ -5,20 +5,23 @@ inserted block must be the identity at initialisation (the GC/SNL add transform 
 NL block's last BatchNorm is zero), so outputs are unchanged at insertion. Blocks that are not
 (SE's sigmoid scale halves its input at init) are refused rather than silently changing the net.
 
-    torchvision: every residual block is replaced by a gcnet block holding the same conv/BN modules
-                 (torchvision's attribute names), so keys stay `layerN.i.conv1...` plus `.context.*`.
+    torchvision: every residual block is replaced by a gcnet block, built by its own __init__, that
+                 then takes the same conv/BN modules (torchvision's attribute names), so keys stay
+                 `layerN.i.conv1...` plus `.context.*`.
     timm:        the block goes in timm's own slots: `se` (before_add), `aa` (after_3x3), or after
                  the final activation (after_add, `act3`/`act2` become Sequential(act, block)).
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
+from gcnet._checks import check_choice
 from gcnet.models._checks import check_stages
 from gcnet.models._options import ContextSpec, context_factory
 from gcnet.models.resnet import POSITIONS, BasicBlock, Bottleneck, Position
@@ -70,23 +73,41 @@ def _check_identity(module: nn.Module, channels: int, what: str) -> None:
 
 
 def _adopt_torchvision(block: nn.Module, name: str, context: nn.Module | None, position: str) -> nn.Module:
-    """A gcnet block that holds `block`'s own modules (no copies) and the new context block."""
-    children = {n for n, _ in block.named_children()}
-    if not children <= _TORCHVISION_CHILDREN[name]:
+    """A gcnet block that holds `block`'s own modules (no copies) and the new context block.
+
+    The gcnet block comes from its own __init__ (so it has every attribute a gcnet block has), on
+    the meta device: its convs and norms cost nothing, as each is then replaced by `block`'s. A
+    tensor that `block` cannot supply raises rather than staying behind uninitialised.
+    """
+    children = dict(block.named_children())
+    if not set(children) <= _TORCHVISION_CHILDREN[name]:
         raise TypeError(
-            f"torchvision {name} has unexpected modules {sorted(children - _TORCHVISION_CHILDREN[name])}"
+            f"torchvision {name} has unexpected modules {sorted(set(children) - _TORCHVISION_CHILDREN[name])}"
         )
     cls = Bottleneck if name == "Bottleneck" else BasicBlock
-    new = cls.__new__(cls)
-    nn.Module.__init__(new)
-    for child, module in block.named_children():
-        new.add_module(child, module)
-    new.downsample = block.downsample
-    new.stride = block.stride
-    new.position = position
-    new.context = context
-    new.train(block.training)
-    return new
+    planes = (block.conv3 if name == "Bottleneck" else block.conv2).out_channels // cls.expansion
+    groups = block.conv2.groups if name == "Bottleneck" else 1
+    width_per_group = block.conv2.out_channels // groups * 64 // planes if name == "Bottleneck" else 64
+    with torch.device("meta"):
+        new = cls(
+            block.conv1.in_channels,
+            planes,
+            block.stride,
+            block.downsample,
+            groups=groups,
+            width_per_group=width_per_group,
+            context=None if context is None else (lambda channels: context),
+            position=position,
+        )
+    for child, module in children.items():
+        setattr(new, child, module)
+    given = [block] if context is None else [block, context]
+    supplied = {id(t) for m in given for t in itertools.chain(m.parameters(), m.buffers())}
+    tensors = itertools.chain(new.named_parameters(), new.named_buffers())
+    left = [n for n, t in tensors if id(t) not in supplied]
+    if left:
+        raise TypeError(f"torchvision {name} has no modules for gcnet's {left}")
+    return new.train(block.training)
 
 
 def _insert_timm(block: nn.Module, name: str, context: nn.Module, position: str) -> None:
@@ -126,8 +147,7 @@ def insert_context_blocks(
         stages: which of layer1..layer4 get blocks (default c3-c5).
         position: "before_add" (default), "after_3x3" or "after_add".
     """
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; expected one of {list(POSITIONS)}")
+    check_choice("position", position, POSITIONS)
     stages = check_stages(stages, 4)
     layers = [getattr(model, f"layer{i}", None) for i in range(1, 5)]
     if any(layer is None for layer in layers):

@@ -23,9 +23,10 @@ from typing import Any, Union
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
+from gcnet._checks import check_choice, check_input, check_positive_int
 from gcnet.blocks import ContextFactory
-from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
-from gcnet.models._options import BlockOptions, ContextSpec, Position, between_factory, context_factory
+from gcnet.models._checks import IMAGE_INPUT_HINTS, check_indices, check_stages
+from gcnet.models._options import BlockOptions, ContextSpec, Position, context_factory, nonlocal_factory
 
 POSITIONS: tuple[str, ...] = ("before_add", "after_3x3", "after_add")
 FEATURE_NAMES: tuple[str, ...] = ("c2", "c3", "c4", "c5")
@@ -62,12 +63,6 @@ def batch_norm(dims: int, channels: int) -> nn.Module:
     return nn.BatchNorm2d(channels) if dims == 2 else nn.BatchNorm3d(channels)
 
 
-def _check_position(position: object) -> str:
-    if position not in POSITIONS:
-        raise ValueError(f"unknown position {position!r}; expected one of {list(POSITIONS)}")
-    return position  # type: ignore[return-value]
-
-
 def _check_temporal(temporal_kernels: Sequence[int], dims: int) -> tuple[int, int]:
     if len(temporal_kernels) != 2 or any(k < 1 or k % 2 == 0 for k in temporal_kernels):
         raise ValueError(f"temporal_kernels must be two odd ints >= 1, got {tuple(temporal_kernels)!r}")
@@ -79,13 +74,27 @@ def _check_temporal(temporal_kernels: Sequence[int], dims: int) -> tuple[int, in
 
 
 class _ContextSlot(nn.Module):
-    """A residual block with an optional context block at `self.position`."""
+    """A residual block with an optional `context` block at one of POSITIONS.
+
+    Setting `position` (at construction, or when a block is inserted later) sets one flag per
+    position, so forward tests bools, which tracing and torch.compile see as constants, not strings.
+    """
 
     context: nn.Module | None
-    position: str
 
-    def _context_at(self, where: str, out: Tensor) -> Tensor:
-        return self.context(out) if self.context is not None and self.position == where else out
+    @property
+    def position(self) -> str:
+        return self._position
+
+    @position.setter
+    def position(self, position: str) -> None:
+        self._position = check_choice("position", position, POSITIONS)
+        self._after_3x3 = position == "after_3x3"
+        self._before_add = position == "before_add"
+        self._after_add = position == "after_add"
+
+    def _context_if(self, here: bool, out: Tensor) -> Tensor:
+        return self.context(out) if here and self.context is not None else out
 
 
 class BasicBlock(_ContextSlot):
@@ -128,7 +137,7 @@ class BasicBlock(_ContextSlot):
                 f"BasicBlock supports groups=1, width_per_group=64 only, got {groups}, {width_per_group}; "
                 "use Bottleneck for ResNeXt"
             )
-        self.position = _check_position(position)
+        self.position = position
         t1, t2 = _check_temporal(temporal_kernels, dims)
         self.conv1 = conv_nd(dims, in_channels, planes, 3, stride, temporal_kernel=t1)
         self.bn1 = batch_norm(dims, planes)
@@ -146,13 +155,13 @@ class BasicBlock(_ContextSlot):
     def forward(self, x: Tensor) -> Tensor:
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self._context_at("after_3x3", out)
+        out = self._context_if(self._after_3x3, out)
         out = self.bn2(self.conv2(out))
-        out = self._context_at("before_add", out)
+        out = self._context_if(self._before_add, out)
         if self.downsample is not None:
             identity = self.downsample(x)
         out = self.relu(out + identity)
-        out = self._context_at("after_add", out)
+        out = self._context_if(self._after_add, out)
         return out
 
 
@@ -196,7 +205,7 @@ class Bottleneck(_ContextSlot):
         temporal_kernels: Sequence[int] = (1, 1),
     ) -> None:
         super().__init__()
-        self.position = _check_position(position)
+        self.position = position
         t1, t2 = _check_temporal(temporal_kernels, dims)
         width = int(planes * (width_per_group / 64.0)) * groups
         out_channels = planes * self.expansion
@@ -221,13 +230,13 @@ class Bottleneck(_ContextSlot):
         identity = x
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self._context_at("after_3x3", out)
+        out = self._context_if(self._after_3x3, out)
         out = self.bn3(self.conv3(out))
-        out = self._context_at("before_add", out)
+        out = self._context_if(self._before_add, out)
         if self.downsample is not None:
             identity = self.downsample(x)
         out = self.relu(out + identity)
-        out = self._context_at("after_add", out)
+        out = self._context_if(self._after_add, out)
         return out
 
 
@@ -243,24 +252,26 @@ class ResNetStage(nn.Module):
 
     Args:
         blocks: the residual blocks.
-        between: block to run after residual block i, keyed by i.
+        nonlocal_blocks: block to run after residual block i, keyed by i.
 
     Shape:
         input and output (B, C, *positions) as the residual blocks define them.
     """
 
-    def __init__(self, blocks: Sequence[nn.Module], between: Mapping[int, nn.Module] | None = None) -> None:
+    def __init__(
+        self, blocks: Sequence[nn.Module], nonlocal_blocks: Mapping[int, nn.Module] | None = None
+    ) -> None:
         super().__init__()
         if len(blocks) == 0:
             raise ValueError("a stage needs at least one residual block")
         for i, block in enumerate(blocks):
             self.add_module(str(i), block)
         self._depth = len(blocks)
-        between = dict(between or {})
-        bad = [i for i in between if not 0 <= i < len(blocks)]
+        inserted = dict(nonlocal_blocks or {})
+        bad = [i for i in inserted if not 0 <= i < len(blocks)]
         if bad:
-            raise ValueError(f"between-block indices {bad} outside 0..{len(blocks) - 1}")
-        self.nonlocal_blocks = nn.ModuleDict({str(i): between[i] for i in sorted(between)})
+            raise ValueError(f"nonlocal_blocks indices {bad} outside 0..{len(blocks) - 1}")
+        self.nonlocal_blocks = nn.ModuleDict({str(i): inserted[i] for i in sorted(inserted)})
 
     def __len__(self) -> int:
         return self._depth
@@ -292,16 +303,19 @@ def make_stage(
     width_per_group: int = 64,
     context: ContextFactory | None = None,
     position: Position = "before_add",
-    between: ContextFactory | None = None,
-    between_indices: Sequence[int] = (),
+    nonlocal_block: ContextFactory | None = None,
+    nonlocal_indices: Sequence[int] = (),
     dims: int = 2,
     temporal_kernels: Sequence[Sequence[int]] | None = None,
     shortcut: nn.Module | None = None,
 ) -> ResNetStage:
     """Build one stage; the first block takes the stride and a 1x1 conv + BN shortcut if shapes change.
 
-    `shortcut` replaces that 1x1 conv + BN (the CIFAR nets' parameter-free shortcut).
+    A `nonlocal_block` follows each residual block in `nonlocal_indices`. `shortcut` replaces that
+    1x1 conv + BN (the CIFAR nets' parameter-free shortcut).
     """
+    if nonlocal_indices and nonlocal_block is None:
+        raise ValueError(f"nonlocal_indices {tuple(nonlocal_indices)} given but no nonlocal_block to insert")
     out_channels = planes * block.expansion
     downsample = shortcut
     if downsample is None and (stride != 1 or in_channels != out_channels):
@@ -327,9 +341,7 @@ def make_stage(
                 temporal_kernels=kernels[i],
             )
         )
-    inserted = {} if between is None else {i: between(out_channels) for i in between_indices}
-    if between_indices and between is None:
-        raise ValueError(f"indices {tuple(between_indices)} given for between-blocks but no block to insert")
+    inserted = {} if nonlocal_block is None else {i: nonlocal_block(out_channels) for i in nonlocal_indices}
     return ResNetStage(blocks, inserted)
 
 
@@ -372,8 +384,8 @@ class ResNet(nn.Module):
         stages: which of the four stages (c2..c5) get context blocks; GCNet uses c3-c5.
         position: "before_add" (after the last conv + BN of the residual branch, the papers'
             default), "after_3x3", or "after_add".
-        between: constructor of the block put between residual blocks (the NL paper's placement).
-        between_indices: per stage, indices of the residual blocks that a `between` block follows.
+        nonlocal_block: constructor of the block put between residual blocks (the NL paper's placement).
+        nonlocal_indices: per stage, indices of the residual blocks that a `nonlocal_block` follows.
         zero_init_residual: zero the last BN of every residual branch (torchvision's option).
 
     Shape:
@@ -393,8 +405,8 @@ class ResNet(nn.Module):
         context: ContextFactory | None = None,
         stages: Sequence[bool] = (False, True, True, True),
         position: Position = "before_add",
-        between: ContextFactory | None = None,
-        between_indices: Sequence[Sequence[int]] | None = None,
+        nonlocal_block: ContextFactory | None = None,
+        nonlocal_indices: Sequence[Sequence[int]] | None = None,
         zero_init_residual: bool = False,
     ) -> None:
         super().__init__()
@@ -404,7 +416,7 @@ class ResNet(nn.Module):
             raise ValueError(f"layers must hold 4 stage depths, got {tuple(layers)!r}")
         depths = [check_positive_int(f"layers[{i}]", d) for i, d in enumerate(layers)]
         stages = check_stages(stages, 4)
-        indices = check_indices("between_indices", between_indices, depths)
+        indices = check_indices("nonlocal_indices", nonlocal_indices, depths)
         self.in_channels = check_positive_int("in_channels", in_channels)
         self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(64)
@@ -423,8 +435,8 @@ class ResNet(nn.Module):
                 width_per_group=width_per_group,
                 context=context if stages[i] else None,
                 position=position,
-                between=between,
-                between_indices=indices[i],
+                nonlocal_block=nonlocal_block,
+                nonlocal_indices=indices[i],
             )
             self.add_module(f"layer{i + 1}", stage)
             channels = planes * block.expansion
@@ -436,7 +448,7 @@ class ResNet(nn.Module):
 
     def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
         """c2..c5 for detection: (B, C_k, H / s, W / s) at strides s = 4, 8, 16, 32."""
-        check_input(type(self).__name__, x, self.in_channels, rank=4)
+        check_input(type(self).__name__, x, self.in_channels, (4,), IMAGE_INPUT_HINTS)
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         features = {}
         for name, layer in zip(FEATURE_NAMES, (self.layer1, self.layer2, self.layer3, self.layer4)):
@@ -484,7 +496,7 @@ def build_resnet(
         nonlocal_options: options of the inserted block, e.g. {"mode": "dot_product"}.
     """
     factory = context_factory(context, reduction, context_options, dims=2)
-    between = between_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=2)
+    make_nonlocal = nonlocal_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=2)
     return ResNet(
         block,
         layers,
@@ -495,8 +507,8 @@ def build_resnet(
         context=factory,
         stages=stages,
         position=position,
-        between=between,
-        between_indices=nonlocal_indices,
+        nonlocal_block=make_nonlocal,
+        nonlocal_indices=nonlocal_indices,
         zero_init_residual=zero_init_residual,
     )
 

@@ -22,9 +22,10 @@ from typing import Any, Literal
 from torch import Tensor, nn
 from typing_extensions import Unpack
 
+from gcnet._checks import check_choice, check_input, check_positive_int
 from gcnet.blocks import ContextFactory
-from gcnet.models._checks import check_indices, check_input, check_positive_int, check_stages
-from gcnet.models._options import BlockOptions, ContextSpec, Position, between_factory, context_factory
+from gcnet.models._checks import CLIP_INPUT_HINTS, check_indices, check_stages
+from gcnet.models._options import BlockOptions, ContextSpec, Position, context_factory, nonlocal_factory
 from gcnet.models.resnet import FEATURE_NAMES, Bottleneck, init_weights, make_head, make_stage
 
 Inflate = Literal["3x1x1", "3x3x3"]
@@ -36,8 +37,7 @@ I3D_STEM_TEMPORAL_KERNEL = 5
 
 def i3d_temporal_kernels(layers: Sequence[int], inflate: Inflate) -> tuple[tuple[tuple[int, int], ...], ...]:
     """Per stage and block, the temporal kernels (first 1x1, 3x3) of the NL paper's I3D."""
-    if inflate not in INFLATES:
-        raise ValueError(f"unknown inflate {inflate!r}; expected one of {list(INFLATES)}")
+    check_choice("inflate", inflate, INFLATES)
     kernels = []
     for depth, pattern in zip(layers, I3D_PATTERN):
         stage = []
@@ -60,8 +60,8 @@ class VideoResNet(nn.Module):
         context: constructor (channels -> module) of the context block in residual blocks, or None.
         stages: which of the four stages (res2..res5) get context blocks.
         position: "before_add" (default), "after_3x3" or "after_add"; see `Bottleneck`.
-        between: constructor of the block put between residual blocks (non-local).
-        between_indices: per stage, indices of the residual blocks that a `between` block follows.
+        nonlocal_block: constructor of the block put between residual blocks (non-local).
+        nonlocal_indices: per stage, indices of the residual blocks that a `nonlocal_block` follows.
         dropout: dropout before fc (0.5 in the NL paper).
         zero_init_residual: zero the last BN of every residual branch.
 
@@ -81,8 +81,8 @@ class VideoResNet(nn.Module):
         context: ContextFactory | None = None,
         stages: Sequence[bool] = (False, True, True, True),
         position: Position = "before_add",
-        between: ContextFactory | None = None,
-        between_indices: Sequence[Sequence[int]] | None = None,
+        nonlocal_block: ContextFactory | None = None,
+        nonlocal_indices: Sequence[Sequence[int]] | None = None,
         dropout: float = 0.5,
         zero_init_residual: bool = False,
     ) -> None:
@@ -91,7 +91,7 @@ class VideoResNet(nn.Module):
             raise ValueError(f"layers must hold 4 stage depths, got {tuple(layers)!r}")
         depths = [check_positive_int(f"layers[{i}]", d) for i, d in enumerate(layers)]
         stages = check_stages(stages, 4)
-        indices = check_indices("between_indices", between_indices, depths)
+        indices = check_indices("nonlocal_indices", nonlocal_indices, depths)
         if temporal_kernels is not None and len(temporal_kernels) != 4:
             raise ValueError(f"temporal_kernels must hold 4 stages, got {len(temporal_kernels)}")
         if not 0.0 <= dropout < 1.0:
@@ -114,8 +114,8 @@ class VideoResNet(nn.Module):
                 stride=1 if i == 0 else 2,
                 context=context if stages[i] else None,
                 position=position,
-                between=between,
-                between_indices=indices[i],
+                nonlocal_block=nonlocal_block,
+                nonlocal_indices=indices[i],
                 dims=3,
                 temporal_kernels=None if temporal_kernels is None else temporal_kernels[i],
             )
@@ -130,7 +130,7 @@ class VideoResNet(nn.Module):
 
     def feature_maps(self, x: Tensor) -> dict[str, Tensor]:
         """c2..c5 as (B, C_k, T_k, H_k, W_k); time is halved between c2 and c3."""
-        check_input(type(self).__name__, x, self.in_channels, rank=5)
+        check_input(type(self).__name__, x, self.in_channels, (5,), CLIP_INPUT_HINTS)
         if x.shape[2] < 2:
             raise ValueError(
                 f"{type(self).__name__} expects clips of T >= 2 frames, got shape {tuple(x.shape)}"
@@ -183,7 +183,7 @@ def build_video_resnet(
     T x H x W positions; a non-local block gets `dims=3` unless `nonlocal_options` say otherwise.
     """
     factory = context_factory(context, reduction, context_options, dims=3)
-    between = between_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=3)
+    make_nonlocal = nonlocal_factory(nonlocal_block, nonlocal_indices, nonlocal_options, dims=3)
     if not i3d and inflate != "3x1x1":
         raise ValueError(f"inflate applies to I3D only; C2D keeps 2D kernels, got inflate={inflate!r}")
     return VideoResNet(
@@ -195,8 +195,8 @@ def build_video_resnet(
         context=factory,
         stages=stages,
         position=position,
-        between=between,
-        between_indices=nonlocal_indices,
+        nonlocal_block=make_nonlocal,
+        nonlocal_indices=nonlocal_indices,
         dropout=dropout,
         zero_init_residual=zero_init_residual,
     )
