@@ -143,3 +143,11 @@ def test_errors_name_what_is_available() -> None:
     with pytest.raises(ValueError, match=r"unknown blocks \['layer9'\]; this model's attention blocks are \['1', '2'\]"):
         attention_maps(small_model(), torch.randn(1, 3, 4, 4), blocks=["layer9"])
     assert list(attention_blocks(small_model())) == ["1", "2"]
+
+
+def test_each_module_keeps_its_own_mode() -> None:
+    model = nn.Sequential(nn.Conv2d(3, 8, 1), nn.BatchNorm2d(8), GlobalContext(8, reduction=2))
+    model.train()
+    model[1].eval()  # frozen BN inside a training model
+    attention_maps(model, torch.randn(2, 3, 6, 6))
+    assert [m.training for m in model.modules()] == [True, True, False, True] + [True] * (len(list(model.modules())) - 4)

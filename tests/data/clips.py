@@ -7,12 +7,16 @@ from pathlib import Path
 import numpy as np
 
 
-def write_clip(path: Path, frames: int = 12, size: int = 32, colour: int = 0, fps: int = 8) -> Path:
-    """An MPEG-4 clip whose frames are a moving bright bar on a tinted background."""
+def write_clip(path: Path, frames: int = 12, size: int = 32, colour: int = 0, fps: int = 8,
+               faststart: bool = False) -> Path:
+    """An MPEG-4 clip whose frames are a moving bright bar on a tinted background.
+
+    `faststart` puts the index first (as streamed files have it), so a truncated copy still opens.
+    """
     import av
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    with av.open(str(path), mode="w") as container:
+    with av.open(str(path), mode="w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream("mpeg4", rate=fps)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"

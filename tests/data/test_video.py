@@ -53,3 +53,11 @@ def test_truncated_video_is_reported_by_path(tmp_path: Path, caplog: pytest.LogC
     assert str(broken) in caplog.text
     with pytest.raises(CorruptFileError, match=str(broken)):
         VideoClipDataset(samples, classes, 4, 2, train=True, crop=16, resize=None, on_corrupt="error")[1]
+
+
+def test_a_video_that_decodes_only_some_frames_is_reported_as_truncated(tmp_path: Path) -> None:
+    clip = write_clip(tmp_path / "a" / "partial.mp4", frames=30, faststart=True)
+    truncate(clip, keep=0.9)
+    with pytest.raises(CorruptFileError, match=r"partial.mp4: decoded \d+ of its 30 frames: the file is truncated"):
+        decode_video(str(clip))
+    assert decode_video(str(write_clip(tmp_path / "a" / "whole.mp4", frames=30, faststart=True))).shape[0] == 30

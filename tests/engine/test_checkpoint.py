@@ -50,3 +50,30 @@ def test_rng_round_trip_through_weights_only_load(tmp_path: Path) -> None:
     set_rng_state(torch.load(tmp_path / "rng.pt", weights_only=True))
     again = (torch.rand(3), np.random.rand(3), random.random())
     assert torch.equal(expected[0], again[0]) and np.array_equal(expected[1], again[1]) and expected[2] == again[2]
+
+
+def test_truncated_or_corrupt_checkpoint_files_are_named(tmp_path: Path) -> None:
+    import json as json_module
+    import pickle
+
+    from torch import nn
+
+    folder = save_checkpoint(tmp_path, nn.Linear(3, 2), {"epoch": 1, "step": 4})
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    with pytest.raises(ValueError, match=r"model.safetensors' cannot be read .*truncated"):
+        load_checkpoint(tmp_path)
+    (folder / "model.safetensors").write_bytes(weights)
+    state = (folder / "state.pt").read_bytes()
+    (folder / "state.pt").write_bytes(state[: len(state) // 3])
+    with pytest.raises(ValueError, match=r"state.pt' cannot be read"):
+        load_checkpoint(tmp_path)
+    (folder / "state.pt").write_bytes(pickle.dumps({"format_version": 1, "evil": print}, protocol=2))
+    with pytest.raises(ValueError, match=r"state.pt' cannot be read"):  # not unpickled: weights_only
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "last.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"last.json' is corrupt"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "checkpoints" / "last.json").write_text(json_module.dumps({"dir": "../../etc"}))
+    with pytest.raises(ValueError, match=r"names '../../etc', not a checkpoint folder"):
+        load_checkpoint(tmp_path)

@@ -83,13 +83,14 @@ def attention_maps(model: nn.Module, inputs: Tensor, blocks: Iterable[str] | Non
         return hook
 
     handles = [available[n].register_forward_hook(hook_for(n)) for n in names]
-    was_training = model.training
+    modes = {module: module.training for module in model.modules()}  # e.g. frozen BN stays in eval mode
     try:
         model.eval()
         with torch.no_grad():
             model(inputs)
     finally:
-        model.train(was_training)
+        for module, training in modes.items():
+            module.training = training
         for handle in handles:
             handle.remove()
     return captures

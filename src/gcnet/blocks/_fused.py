@@ -232,9 +232,14 @@ class BlockwiseAttention(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx, queries: Tensor, keys: Tensor, values: Tensor, scale: float
     ) -> Tensor:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), scale=scale
-        ).squeeze(1)  # (B, N, Dv)
+        # Under autocast the Gaussian mode's queries and keys are x itself (fp32) and its values bf16.
+        ctx.dtypes = (queries.dtype, keys.dtype, values.dtype)
+        common = torch.promote_types(torch.promote_types(queries.dtype, keys.dtype), values.dtype)
+        queries, keys, values = queries.to(common), keys.to(common), values.to(common)
+        with torch.autocast(queries.device.type, enabled=False):  # the backward recomputes in this dtype
+            out = torch.nn.functional.scaled_dot_product_attention(
+                queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), scale=scale
+            ).squeeze(1)  # (B, N, Dv)
         ctx.save_for_backward(queries, keys, values, out)
         ctx.scale = scale
         return out
@@ -245,7 +250,7 @@ class BlockwiseAttention(torch.autograd.Function):
         queries, keys, values, out = ctx.saved_tensors
         scale = ctx.scale
         N, Nk = queries.shape[1], keys.shape[1]
-        grad_out = grad_out.contiguous()
+        grad_out = grad_out.to(out.dtype).contiguous()
         grad_q = torch.empty_like(queries)
         grad_k = torch.zeros_like(keys)
         grad_v = torch.zeros_like(values)
@@ -261,4 +266,4 @@ class BlockwiseAttention(torch.autograd.Function):
             grad_logits.sub_(row_term[:, rows]).mul_(probs).mul_(scale)  # dS, scaled
             grad_q[:, rows] = torch.bmm(grad_logits, keys)  # (B, n, D)
             grad_k.baddbmm_(grad_logits.transpose(1, 2), q)  # (B, Nk, D)
-        return grad_q, grad_k, grad_v, None
+        return (*(g.to(dtype) for g, dtype in zip((grad_q, grad_k, grad_v), ctx.dtypes)), None)

@@ -35,9 +35,15 @@ def scan_folder(
     root = Path(root)
     classes = find_classes(root)
     samples: list[tuple[str, int]] = []
+    empty = []
     for label, name in enumerate(classes):
         files = sorted(p for p in (root / name).rglob("*") if p.is_file() and p.suffix.lower() in extensions)
         samples.extend((str(p), label) for p in files[:per_class])
+        if not files:
+            empty.append(name)
+    if empty and len(empty) < len(classes):
+        raise ValueError(f"data folder {str(root)!r}: class folders {empty} hold no files ending in "
+                         f"{list(extensions)}; add files or remove them (an empty folder would still count as a class)")
     if not samples:
         raise ValueError(f"data folder {str(root)!r} has no files ending in {list(extensions)}")
     return classes, samples
@@ -67,7 +73,13 @@ def decode_image_file(path: str) -> Tensor:
     """uint8 RGB (3, H, W) of an image file; unreadable files raise `CorruptFileError` naming the path."""
     try:
         with Image.open(path) as image:
-            array = np.asarray(image.convert("RGB"))  # (H, W, 3); convert() forces a full decode
+            if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) greyscale: scale to 8 bits, not clip
+                wide = np.asarray(image, dtype=np.float64)
+                top = 65535.0 if image.mode.startswith("I;16") or wide.max() <= 65535 else float(2**31 - 1)
+                grey = np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+                array = np.repeat(grey[..., None], 3, axis=2)
+            else:
+                array = np.asarray(image.convert("RGB"))  # (H, W, 3); convert() forces a full decode
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise CorruptFileError(path, f"{type(error).__name__}: {error}") from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1).contiguous()  # (3, H, W)
@@ -123,8 +135,12 @@ class ImageFolderDataset(Dataset):
         return skipped
 
     def __getitem__(self, index: int) -> tuple[Tensor, int] | Skipped:
+        path, label = self.samples[index]
         try:
             image = self.load(index)
+            try:
+                return self.transform(image), label
+            except (ValueError, RuntimeError) as error:  # e.g. an image smaller than the crop
+                raise CorruptFileError(path, f"cannot transform its {tuple(image.shape[1:])} pixels: {error}") from error
         except CorruptFileError as error:
             return handle_corrupt(error, self.on_corrupt)
-        return self.transform(image), self.samples[index][1]

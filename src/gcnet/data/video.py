@@ -71,6 +71,7 @@ def decode_video(path: str, short_side: int | None = None) -> Tensor:
             if not container.streams.video:
                 raise CorruptFileError(path, "no video stream")
             stream = container.streams.video[0]
+            expected = stream.frames  # from the container's index; 0 where it does not say
             for frame in container.decode(stream):
                 width, height = frame.width, frame.height
                 if short_side is not None:
@@ -83,6 +84,8 @@ def decode_video(path: str, short_side: int | None = None) -> Tensor:
         raise CorruptFileError(path, f"{type(error).__name__}: {error}") from error
     if not frames:
         raise CorruptFileError(path, "no decodable frames")
+    if expected and len(frames) < expected:
+        raise CorruptFileError(path, f"decoded {len(frames)} of its {expected} frames: the file is truncated or damaged")
     return torch.stack(frames).permute(0, 3, 1, 2).contiguous()  # (T, H, W, 3) -> (T, 3, H, W)
 
 

@@ -142,7 +142,18 @@ def _pointer_target(root: Path, pointer: str) -> str | None:
     file = root / f"{pointer}.json"
     if not file.is_file():
         return None
-    return str(json.loads(file.read_text())["dir"])
+    return _read_pointer(file)
+
+
+def _read_pointer(file: Path) -> str:
+    try:
+        target = json.loads(file.read_text())["dir"]
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise ValueError(f"checkpoint pointer {str(file)!r} is corrupt (expected {{\"dir\": ...}}); point it at a "
+                         f"complete checkpoint folder beside it or pass that folder") from None
+    if not isinstance(target, str) or "/" in target:
+        raise ValueError(f"checkpoint pointer {str(file)!r} names {target!r}, not a checkpoint folder beside it")
+    return target
 
 
 def _prune(root: Path) -> None:
@@ -158,7 +169,7 @@ def resolve_checkpoint(path: str | Path, pointer: str = "last") -> Path:
     """The checkpoint folder meant by a run folder, a checkpoints folder, a pointer file or the folder itself."""
     path = Path(path)
     if path.is_file() and path.suffix == ".json":
-        return path.parent / str(json.loads(path.read_text())["dir"])
+        return path.parent / _read_pointer(path)
     if path.is_dir() and (path / WEIGHTS).is_file():
         return path
     for root in (path, checkpoint_dir(path)):
@@ -182,8 +193,17 @@ def load_checkpoint(path: str | Path, pointer: str = "last") -> Checkpoint:
     for file in (WEIGHTS, STATE):
         if not (folder / file).is_file():
             raise ValueError(f"checkpoint {str(folder)!r} lacks {file}; it is incomplete or was moved")
-    model = load_file(str(folder / WEIGHTS), device="cpu")
-    state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
-    if state.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"checkpoint {folder} has format {state.get('format_version')}, expected {FORMAT_VERSION}")
+    try:
+        model = load_file(str(folder / WEIGHTS), device="cpu")
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own error types for bad files
+        raise ValueError(f"checkpoint weights {str(folder / WEIGHTS)!r} cannot be read ({error}); the file is "
+                         "truncated or not safetensors") from None
+    try:
+        state = torch.load(folder / STATE, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError, UnpicklingError, EOFError, ...
+        raise ValueError(f"checkpoint state {str(folder / STATE)!r} cannot be read ({type(error).__name__}: "
+                         f"{str(error)[:200]}); the file is truncated or not a gcnet state file") from None
+    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
+        found = state.get("format_version") if isinstance(state, dict) else type(state).__name__
+        raise ValueError(f"checkpoint {folder} has format {found}, expected {FORMAT_VERSION}")
     return Checkpoint(folder, model, state)
