@@ -6,15 +6,15 @@ non-local maps vs. GC's single map), not what a trained network attends to.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite
+from gcnet.config import data_root
 
-DEFAULT_IMAGE = Path(__file__).resolve().parents[2].parent / "shared/data/cifar10/test/cat/0000.jpg"
+DEFAULT_IMAGE = "cifar10/test/cat/0000.jpg"  # under the data root (gcnet.config.data_root)
 QUERIES = [(0.25, 0.25), (0.5, 0.6), (0.8, 0.3)]
 
 
@@ -37,7 +37,8 @@ def _load_image(path: Path | None, size: int) -> torch.Tensor:
     from PIL import Image
     from torchvision.transforms.v2.functional import pil_to_tensor, resize
 
-    path = path or (DEFAULT_IMAGE if DEFAULT_IMAGE.is_file() else None)
+    default = data_root() / DEFAULT_IMAGE
+    path = path or (default if default.is_file() else None)
     if path is None:
         grid = torch.linspace(0, 1, size)
         return torch.stack([grid.expand(size, size), grid[:, None].expand(size, size), torch.full((size, size), 0.5)])
@@ -96,11 +97,3 @@ def run_tour(out_dir: str | Path = "outputs/tour", image: str | Path | None = No
     plt.close(fig)
     print(f"attention maps: {path}")
     return path
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `gcnet tour`."""
-    parser = subparsers.add_parser("tour", help="a short tour of the blocks: table and attention-map picture")
-    parser.add_argument("--out", default="outputs/tour", help="folder for the picture (default: outputs/tour)")
-    parser.add_argument("--image", default=None, help="image to show attention on (default: a CIFAR-10 test image)")
-    parser.set_defaults(handler=lambda args: run_tour(args.out, args.image) and 0)

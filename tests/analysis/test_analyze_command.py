@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from gcnet.cli import main
-from gcnet.engine import config_from_dict, train
+from gcnet.builder import train
+from gcnet.config import config_from_dict
 from tests.engine.tiny import image_config, make_image_folder
 
 
@@ -16,8 +17,8 @@ def test_analyze_a_trained_checkpoint(mode: str, tmp_path: Path, capsys) -> None
         tmp_path / "run",
         model={
             "name": "cifar_resnet20",
-            "context": "gc",
-            "options": {"reduction": 4, "nonlocal_indices": [[], [1], []], "nonlocal_options": {"mode": mode}},
+            "context": {"block": "gc", "reduction": 4},
+            "nonlocal_blocks": {"indices": [[], [1], []], "mode": mode},
         },
         data={"image_size": 16, "val_fraction": 0.0},
         train={"epochs": 1},
@@ -38,3 +39,17 @@ def test_analyze_a_trained_checkpoint(mode: str, tmp_path: Path, capsys) -> None
 def test_analyze_names_a_missing_checkpoint(tmp_path: Path, capsys) -> None:
     assert main(["analyze", str(tmp_path / "nothing"), "--data", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
     assert "gcnet analyze:" in capsys.readouterr().err
+
+
+def test_analyze_skips_corrupt_files_and_refuses_zero_batches(tmp_path: Path, capsys, caplog) -> None:
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=16)
+    config = image_config(images, tmp_path / "run", model={"name": "cifar_resnet20", "num_classes": 2,
+                                                           "context": {"block": "gc", "reduction": 4}},
+                          data={"image_size": 16, "val_fraction": 0.0}, train={"epochs": 1})
+    train(config_from_dict(config))
+    (images / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    out = tmp_path / "report"
+    assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batch-size", "4"]) == 0
+    assert "analysis skipped corrupt file" in caplog.text and "broken.jpg" in caplog.text
+    assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batches", "0"]) == 2
+    assert "--batches and --batch-size must be >= 1" in capsys.readouterr().err

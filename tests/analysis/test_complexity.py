@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -10,7 +9,6 @@ import pytest
 import torch
 
 from gcnet import cli
-from gcnet.analysis import info
 from gcnet.analysis.complexity import complexity_of, count_flops, count_parameters, model_complexity
 from gcnet.models import create_model, list_models
 
@@ -59,22 +57,17 @@ def test_real_model_counts_equal_meta_counts_and_include_attention() -> None:
     assert [s.name for s in real.stages] == ["stem", "layer1", "layer2", "layer3", "head"]
     assert sum(s.params for s in real.stages) == real.params
     assert sum(s.flops for s in real.stages) == real.flops
-    assert [s.between_blocks for s in real.stages] == [0, 0, 1, 0, 0]
+    assert [s.nonlocal_blocks for s in real.stages] == [0, 0, 1, 0, 0]
 
 
 def test_info_command_prints_a_per_stage_table(capsys: pytest.CaptureFixture[str]) -> None:
     """`gcnet info resnet50_gc_r16`: blocks, params and FLOPs per stage."""
-    assert "gcnet.analysis.info" in cli.COMMAND_MODULES
-    parser = argparse.ArgumentParser(prog="gcnet")
-    info.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["info", "resnet50_gc_r16"])
-    assert args.handler(args) == 0
+    assert cli.main(["info", "resnet50_gc_r16"]) == 0
     out = capsys.readouterr().out
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.split()}
     assert rows["layer3"][:4] == ["layer3", "6", "6", "0"]  # 6 residual blocks, 6 GC blocks
     assert rows["layer1"][:4] == ["layer1", "3", "0", "0"]
     assert rows["total"][4] == "28.079" and rows["total"][5] == "4.098"  # params (M), GMACs
-    args = parser.parse_args(["info", "resnet18", "--option", "context=gc", "--input-shape", "3,64,64"])
-    assert args.handler(args) == 0 and "(1, 3, 64, 64)" in capsys.readouterr().out
-    args = parser.parse_args(["info", "resnet5"])
-    assert args.handler(args) == 2 and "did you mean" in capsys.readouterr().err
+    assert cli.main(["info", "resnet18", "--option", "context=gc", "--input-shape", "3,64,64"]) == 0
+    assert "(1, 3, 64, 64)" in capsys.readouterr().out
+    assert cli.main(["info", "resnet5"]) == 2 and "did you mean" in capsys.readouterr().err

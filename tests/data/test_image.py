@@ -6,7 +6,7 @@ import torch
 
 from gcnet.data import CorruptFileError, ImageFolderDataset, Skipped, image_transform, scan_folder
 from gcnet.data.image import IMAGE_EXTENSIONS
-from gcnet.data.sampling import ResumableDistributedSampler, SeededDataset, collate_skipping
+from gcnet.data.sampling import SeededDataset, collate_skipping
 from tests.engine.tiny import make_image_folder
 
 
@@ -78,12 +78,34 @@ def test_seeded_augmentation_depends_on_seed_epoch_index_only(folder: Path) -> N
     assert len(views) > 1
 
 
-def test_two_rank_batches_union_to_single_process_batch() -> None:
-    data = list(range(24))
-    single = list(ResumableDistributedSampler(data, 1, 0, shuffle=True, seed=7))
-    ranks = [list(ResumableDistributedSampler(data, 2, r, shuffle=True, seed=7)) for r in (0, 1)]
-    for k in range(3):  # global batch 8 = 2 ranks x 4
-        assert sorted(ranks[0][4 * k : 4 * k + 4] + ranks[1][4 * k : 4 * k + 4]) == sorted(single[8 * k : 8 * k + 8])
-    resumed = ResumableDistributedSampler(data, 1, 0, shuffle=True, seed=7)
-    resumed.set_start(10)
-    assert list(resumed) == single[10:] and len(resumed) == 14
+def test_sixteen_bit_png_keeps_its_grey_levels(tmp_path: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from gcnet.data.image import decode_image_file
+
+    levels = np.array([[0, 16384], [32768, 65535]], dtype=np.uint16)
+    Image.fromarray(levels).save(tmp_path / "deep.png")  # a 16-bit greyscale PNG
+    image = decode_image_file(str(tmp_path / "deep.png"))
+    assert image.shape == (3, 2, 2) and image[0].tolist() == [[0, 64], [128, 255]]
+
+
+def test_images_smaller_than_the_crop_follow_on_corrupt(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("RGB", (64, 16)).save(tmp_path / "h_tall.jpg")
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    samples = [(str(tmp_path / "h_tall.jpg"), 0), (str(tmp_path / "dot.png"), 0)]
+    transform = image_transform(True, "cifar", 32, (0.5,) * 3, (0.5,) * 3)
+    skipping = ImageFolderDataset(samples, ["a"], transform, "skip")
+    assert [isinstance(skipping[i], Skipped) for i in range(2)] == [True, True]
+    assert "h_tall.jpg" in skipping[0].path and "(16, 64)" in skipping[0].reason
+    with pytest.raises(CorruptFileError, match="dot.png"):
+        ImageFolderDataset(samples, ["a"], transform, "error")[1]
+
+
+def test_an_empty_class_folder_is_refused_by_name(tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=1, size=8)
+    (root / "class_9").mkdir()
+    with pytest.raises(ValueError, match=r"class folders \['class_9'\] hold no files"):
+        scan_folder(root, (".jpg", ".png"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 
 import pytest
@@ -11,9 +12,7 @@ import torch
 
 from gcnet.detection import (
     CocoDetection,
-    GroupedBatchSampler,
     SkippedImage,
-    aspect_ratio_groups,
     collate_detection,
     detection_transforms,
 )
@@ -117,20 +116,6 @@ def test_crowd_is_ignored_in_training_and_kept_for_evaluation(tmp_path: Path) ->
     assert len(evaluation.coco_ground_truth().getAnnIds(imgIds=[2], iscrowd=True)) == 2
 
 
-def test_grouped_batches_share_an_aspect_ratio_group_and_cover_every_image() -> None:
-    groups = aspect_ratio_groups([1.25, 0.8, 1.25, 0.8, 1.25, 1.25, 0.8], factor=3)
-    assert groups[0] != groups[1]
-    sampler = GroupedBatchSampler(groups, batch_size=2, seed=1)
-    batches = list(sampler)
-    assert len(batches) == len(sampler) == 4
-    assert sorted(i for b in batches for i in b) == list(range(7))
-    assert all(len({groups[i] for i in b}) == 1 for b in batches)
-    sampler.set_epoch(1)
-    assert sorted(i for b in sampler for i in b) == list(range(7))
-    with pytest.raises(ValueError, match="batch_size"):
-        GroupedBatchSampler(groups, batch_size=0)
-
-
 def test_bad_arguments_name_what_is_expected(tmp_path: Path) -> None:
     images, annotations = make_coco(tmp_path, images=1)
     with pytest.raises(ValueError, match="category_mapping"):
@@ -141,3 +126,23 @@ def test_bad_arguments_name_what_is_expected(tmp_path: Path) -> None:
         CocoDetection(images, {"images": [], "categories": []}, train=True)
     with pytest.raises(ValueError, match=r"image_ids \[9\]"):
         CocoDetection(images, annotations, train=True, image_ids=[9])
+
+
+def test_far_out_polygons_duplicate_ids_and_non_json_files_are_reported(tmp_path: Path) -> None:
+    images, annotations = make_coco(tmp_path, images=3)
+    data = load(annotations)
+    anns = data["annotations"]
+    anns[0]["segmentation"] = [[1e9, 1e9, 1e9 + 5, 1e9, 1e9, 1e9 + 5]]  # pycocotools would crash on it
+    anns[2]["segmentation"] = [[-1e9, 0, 10, 0, 10, 10]]  # and spend minutes on this one
+    anns.append({**anns[3]})  # the same annotation id again
+    data["images"].append({**data["images"][1], "file_name": "other.jpg"})  # the same image id again
+    started = time.monotonic()
+    dataset = CocoDetection(images, data, train=False)
+    assert time.monotonic() - started < 5
+    counts = dataset.report.counts()
+    assert counts["bad_segmentation"] == 2 and counts["duplicate_id"] == 2
+    assert "far outside the 80x64 image" in json.dumps(dataset.report.to_dict())
+    assert all(dataset[i] is not None for i in range(len(dataset)))
+    (tmp_path / "broken.json").write_text("{'not': json")
+    with pytest.raises(ValueError, match=r"broken.json: not a COCO json file"):
+        CocoDetection(images, tmp_path / "broken.json", train=False)

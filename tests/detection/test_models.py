@@ -8,8 +8,8 @@ from torchvision.models import resnet18 as tv_resnet18
 from torchvision.models.detection import MaskRCNN_ResNet50_FPN_Weights, maskrcnn_resnet50_fpn
 from torchvision.ops import FrozenBatchNorm2d
 
-from gcnet.detection import create_detector, freeze_layers, load_backbone_weights, resnet_fpn_backbone
-from gcnet.models import create_model
+from gcnet.detection import create_detector, freeze_layers, resnet_fpn_backbone
+from gcnet.models import create_model, load_for_finetuning
 
 
 def count(module: torch.nn.Module) -> int:
@@ -156,9 +156,9 @@ def test_backbone_weights_that_do_not_fit_are_refused_by_name() -> None:
     body = create_model("resnet18", num_classes=0)
     wrong = create_model("resnet34", num_classes=0).state_dict()
     with pytest.raises(ValueError, match="layer1.2.conv1.weight"):
-        load_backbone_weights(body, wrong)
+        load_for_finetuning(body, wrong)
     with pytest.raises(ValueError, match="expected one of"):
-        load_backbone_weights(body, wrong, source="timm")  # type: ignore[arg-type]
+        load_for_finetuning(body, wrong, source="caffe")  # type: ignore[arg-type]
 
 
 def test_bad_arguments_name_what_is_expected() -> None:

@@ -10,7 +10,8 @@ import time
 
 import torch
 
-from gcnet.engine import load_config, train
+from gcnet.builder import train
+from gcnet.config import load_config
 from tiny import TinyNet
 
 
@@ -27,4 +28,4 @@ if __name__ == "__main__":
     torch.set_num_threads(1)
     config = load_config(sys.argv[1])
     net = SlowTinyNet if "--slow" in sys.argv[2:] else TinyNet
-    train(config, resume="--resume" in sys.argv[2:], model_factory=lambda c: net(c.model.num_classes))
+    train(config, resume="--resume" in sys.argv[2:], model=lambda c: net(c.model.num_classes))

@@ -3,8 +3,9 @@ import torch
 from torch import nn
 
 from gcnet.blocks import GlobalContext
-from gcnet.engine.config import OptimConfig, ScheduleConfig
-from gcnet.engine.optim import build_optimizer, build_scheduler, lr_factor, parameter_groups
+from gcnet.builder import build_optimizer, build_scheduler
+from gcnet.config import OptimConfig, ScheduleConfig
+from gcnet.engine.optim import lr_factor, parameter_groups
 
 
 def test_no_weight_decay_on_norms_and_biases() -> None:

@@ -1,19 +1,19 @@
 """Runs in child processes: a SIGKILLed run resumes; torchrun with 2 gloo ranks matches one process."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
 
-from gcnet.engine import config_from_dict, load_checkpoint, train
+from gcnet.builder import train
+from gcnet.config import config_from_dict
+from gcnet.engine import load_checkpoint
 from gcnet.engine.metrics import read_csv
-from tests.engine.tiny import TinyNet, image_config, make_image_folder
+from tests.engine.tiny import TinyNet, image_config, kill_after_steps, make_image_folder
 
 SCRIPT = Path(__file__).with_name("run_tiny.py")
 
@@ -33,7 +33,7 @@ def _single_process_reference(config: dict) -> list[float]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the children run with one thread; match their arithmetic exactly
     try:
-        return train(config_from_dict(config), model_factory=lambda c: TinyNet(c.model.num_classes)).step_losses
+        return train(config_from_dict(config), model=lambda c: TinyNet(c.model.num_classes)).step_losses
     finally:
         torch.set_num_threads(threads)
 
@@ -42,17 +42,8 @@ def test_sigkilled_run_resumes_from_last_complete_checkpoint(tmp_path: Path) -> 
     images = make_image_folder(tmp_path / "images", classes=3, per_class=8, size=12)
     config = image_config(images, tmp_path / "killed", train={"epochs": 4, "checkpoint_every_steps": 2})
     path = _write(config, tmp_path / "config.yaml")
-    child = subprocess.Popen([sys.executable, str(SCRIPT), str(path), "--slow"], env=_env(),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     steps_csv = tmp_path / "killed" / "steps.csv"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and child.poll() is None:
-        if steps_csv.is_file() and len(steps_csv.read_text().splitlines()) - 1 >= 7:
-            break
-        time.sleep(0.01)
-    assert child.poll() is None, f"the run ended before it could be killed: {child.stderr.read().decode()}"
-    child.send_signal(signal.SIGKILL)
-    child.wait()
+    kill_after_steps([sys.executable, str(SCRIPT), str(path), "--slow"], _env(), steps_csv, 7, timeout=60)
     logged = len(read_csv(steps_csv))
     saved = load_checkpoint(tmp_path / "killed").state["step"]
     assert 4 <= saved <= logged < 12, (saved, logged)
@@ -73,7 +64,7 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path: Path) -> None:
     images = make_image_folder(tmp_path / "images", classes=3, per_class=8, size=12)
     # 17 train images after holding out 7: 2 steps of 8 = 2 ranks x 4 (the sampler pads rank shards to 9).
     config = image_config(images, tmp_path / "ddp", data={"batch_size": 8, "val_fraction": 0.3},
-                          model={"name": "tiny", "num_classes": 3, "sync_batchnorm": True},
+                          model={"name": "cifar_resnet20", "num_classes": 3, "sync_batchnorm": True},
                           train={"epochs": 2})
     path = _write(config, tmp_path / "config.yaml")
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
@@ -96,3 +87,23 @@ def test_torchrun_two_gloo_ranks_match_single_process(tmp_path: Path) -> None:
     assert ddp.state["step"] == single.state["step"] == 4
     for a, b in zip(read_csv(tmp_path / "ddp" / "metrics.csv"), read_csv(tmp_path / "single" / "metrics.csv")):
         assert float(a["val_top1"]) == pytest.approx(float(b["val_top1"]))
+
+
+def test_ddp_summary_matches_gcnet_eval_of_the_saved_checkpoint(tmp_path: Path) -> None:
+    from gcnet.builder import evaluate_checkpoint
+
+    images = make_image_folder(tmp_path / "images", classes=3, per_class=8, size=12)
+    held_out = make_image_folder(tmp_path / "val", classes=3, per_class=5, size=12, seed=1)
+    # Without SyncBatchNorm each rank's BN statistics drift apart; evaluation must use rank 0's, the saved ones.
+    config = image_config(images, tmp_path / "ddp", data={"batch_size": 8, "val_fraction": 0.0, "val": str(held_out),
+                                                          "eval_batch_size": 4}, train={"epochs": 1})
+    path = _write(config, tmp_path / "config.yaml")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(SCRIPT),
+               str(path)]
+    run = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=180)
+    assert run.returncode == 0, run.stderr[-3000:]
+    summary = yaml.safe_load((tmp_path / "ddp" / "summary.json").read_text())
+    again = evaluate_checkpoint(tmp_path / "ddp", str(held_out), model=TinyNet(3))
+    assert summary["val"]["samples"] == again["samples"] == 15
+    assert summary["val"]["loss"] == pytest.approx(again["loss"], rel=1e-6)
+    assert summary["val"]["top1"] == pytest.approx(again["top1"])

@@ -7,7 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from gcnet.data import CorruptFileError
-from gcnet.engine import NonFiniteLossError, config_from_dict, load_checkpoint, train
+from gcnet.builder import train
+from gcnet.config import config_from_dict
+from gcnet.engine import NonFiniteLossError, load_checkpoint
 from gcnet.engine.metrics import read_csv
 from tests.engine.tiny import TinyNet, TinyVideoNet, image_config, make_image_folder
 
@@ -76,7 +78,7 @@ def test_options_bf16_channels_last_adamw_step_clip_smoothing(images: Path, tmp_
     config = config_from_dict(image_config(
         images, tmp_path / "run", optim={"name": "adamw", "lr": 0.01, "weight_decay": 0.05, "grad_clip_norm": 1.0},
         schedule={"name": "step", "milestones": [1], "warmup_epochs": 0},
-        model={"name": "tiny", "num_classes": 3, "channels_last": True},
+        model={"name": "cifar_resnet20", "num_classes": 3, "channels_last": True},
         train={"epochs": 2, "precision": "bf16", "label_smoothing": 0.1},
     ))
     result = train(config, model=TinyNet())
@@ -90,20 +92,29 @@ def test_resume_gives_the_same_losses(images: Path, tmp_path: Path, crash_after:
     sections = {"train": {"epochs": 3, "checkpoint_every_steps": every}}
     # Factories build the model after train() seeds the RNG, so both runs start from the same weights.
     reference = train(config_from_dict(image_config(images, tmp_path / "a", **sections)),
-                      model_factory=lambda c: TinyNet())
+                      model=lambda c: TinyNet())
 
     interrupted = config_from_dict(image_config(images, tmp_path / "b", **sections))
     with pytest.raises(Interrupt):
-        train(interrupted, model_factory=lambda c: CrashAfter(crash_after))
+        train(interrupted, model=lambda c: CrashAfter(crash_after))
     saved_step = load_checkpoint(tmp_path / "b").state["step"]
     assert saved_step == (3 if every == 0 else 4)
-    resumed = train(interrupted, resume=True, model_factory=lambda c: TinyNet())
+    resumed = train(interrupted, resume=True, model=lambda c: TinyNet())
 
     assert resumed.step_losses == reference.step_losses[saved_step:]  # bit-identical on CPU
     losses = [float(r["loss"]) for r in read_csv(tmp_path / "b" / "steps.csv")]
     assert losses == reference.step_losses
     final_a, final_b = load_checkpoint(tmp_path / "a").model, load_checkpoint(tmp_path / "b").model
     assert all(torch.equal(final_a[k], final_b[k]) for k in final_a)
+    for a, b in zip(read_csv(tmp_path / "a" / "metrics.csv"), read_csv(tmp_path / "b" / "metrics.csv"), strict=True):
+        # the resumed epoch's metrics cover the whole epoch, not the steps after the checkpoint
+        assert float(a["train_loss"]) == pytest.approx(float(b["train_loss"]), rel=1e-12)
+        assert a["train_top1"] == b["train_top1"] and a["val_top1"] == b["val_top1"]
+
+    summary = (tmp_path / "b" / "summary.json").read_text()
+    again = train(interrupted, resume=True, model=lambda c: TinyNet())  # a finished run: nothing to do
+    assert (tmp_path / "b" / "summary.json").read_text() == summary
+    assert again.val is not None and again.val["top1"] == resumed.val["top1"]
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(images: Path, tmp_path: Path) -> None:
@@ -124,7 +135,7 @@ def test_corrupt_file_skipped_and_counted_or_fatal(tmp_path: Path, caplog: pytes
                                            train={"epochs": 1}))
     with caplog.at_level(logging.WARNING):
         result = train(config, model=TinyNet())
-    assert result.skipped_paths == [str(bad)]
+    assert result.skipped == [str(bad)]
     assert str(bad) in caplog.text
     assert read_csv(tmp_path / "run" / "metrics.csv")[0]["skipped"] == "1"
     fatal = config_from_dict(image_config(root, tmp_path / "run2", data={"val_fraction": 0.0, "batch_size": 13,
@@ -139,8 +150,9 @@ def test_epoch_on_generated_video_clips(tmp_path: Path) -> None:
 
     root = make_clip_folder(tmp_path / "clips", classes=2, per_class=3)
     config = config_from_dict({
-        "model": {"name": "tiny_video", "num_classes": 2},
-        "data": {"kind": "video", "train": str(root), "val": str(root), "clip_len": 4, "frame_stride": 2,
+        "task": "video",
+        "model": {"name": "c2d_resnet50", "num_classes": 2},
+        "data": {"train": str(root), "val": str(root), "clip_len": 4, "frame_stride": 2,
                  "eval_clips": 2, "image_size": 16, "resize": 20, "batch_size": 3, "mean": [0.5] * 3,
                  "std": [0.25] * 3},
         "optim": {"lr": 0.05},
@@ -157,7 +169,7 @@ def test_cli_train_and_eval_with_registered_model(images: Path, tmp_path: Path, 
     from gcnet.cli import main
 
     config = image_config(images, tmp_path / "run", model={"name": "cifar_resnet20", "num_classes": 3,
-                                                           "context": "gc", "options": {"reduction": 4}},
+                                                           "context": {"block": "gc", "reduction": 4}},
                           train={"epochs": 1})
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -167,3 +179,106 @@ def test_cli_train_and_eval_with_registered_model(images: Path, tmp_path: Path, 
     assert main(["eval", str(tmp_path / "run"), "--data", str(images)]) == 0
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["samples"] == 24 and metrics["step"] == 3
+
+
+class InfiniteStatistics(TinyNet):
+    """TinyNet whose BN running variance turns infinite after `steps` training forwards; the loss stays finite."""
+
+    def __init__(self, steps: int) -> None:
+        super().__init__()
+        self.remaining = steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.remaining -= 1
+            if self.remaining < 0:
+                self.bn2.running_var.fill_(float("inf"))
+        return super().forward(x)
+
+
+def test_non_finite_statistics_stop_the_run_before_they_are_saved(images: Path, tmp_path: Path) -> None:
+    config = config_from_dict(image_config(images, tmp_path / "run"))
+    with pytest.raises(NonFiniteLossError, match=r"not finite after step 6 \(\['bn2.running_var'\]\).*step-000000003"):
+        train(config, model=InfiniteStatistics(steps=4))
+    ckpt = load_checkpoint(tmp_path / "run")
+    assert ckpt.state["step"] == 3 and all(torch.isfinite(v).all() for v in ckpt.model.values() if v.is_floating_point())
+
+
+def test_resume_applies_a_longer_run_and_refuses_changed_optimisation(images: Path, tmp_path: Path) -> None:
+    short = image_config(images, tmp_path / "run", train={"epochs": 1}, schedule={"warmup_epochs": 0})
+    train(config_from_dict(short), model=lambda c: TinyNet())
+    with pytest.raises(ValueError, match=r"the config changes optim.lr \(0.05 -> 0.01\), which a resumed run cannot"):
+        train(config_from_dict({**short, "optim": {**short["optim"], "lr": 0.01}}), resume=True,
+              model=lambda c: TinyNet())
+    longer = {**short, "train": {**short["train"], "epochs": 2}}
+    resumed = train(config_from_dict(longer), resume=True, model=lambda c: TinyNet())
+    assert len(resumed.step_losses) == 3 and load_checkpoint(tmp_path / "run").state["epoch"] == 2
+    train(config_from_dict({**longer, "train": {**longer["train"], "out_dir": str(tmp_path / "ref")}}),
+                      model=lambda c: TinyNet())
+    lrs = [float(r["lr"]) for r in read_csv(tmp_path / "run" / "steps.csv")]
+    assert lrs[3:] == [float(r["lr"]) for r in read_csv(tmp_path / "ref" / "steps.csv")][3:]  # the new schedule
+    assert lrs[:3] != [float(r["lr"]) for r in read_csv(tmp_path / "ref" / "steps.csv")][:3]
+
+
+def test_an_occupied_out_dir_is_refused_unless_overwritten(images: Path, tmp_path: Path) -> None:
+    import fcntl
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.csv").write_text("epoch,step\n1,3\n")  # an earlier run without checkpoints
+    config = config_from_dict(image_config(images, out, train={"epochs": 1}))
+    with pytest.raises(ValueError, match=r"holds an earlier run \(\['metrics.csv'\]\); pass --overwrite"):
+        train(config, model=TinyNet())
+    with open(out / ".lock", "a+") as other:  # another run holds the folder
+        fcntl.flock(other, fcntl.LOCK_EX)
+        other.write("4242\n")
+        other.flush()
+        with pytest.raises(ValueError, match=r"in use by another run \(process 4242\)"):
+            train(config, model=TinyNet(), overwrite=True)
+    train(config, model=TinyNet(), overwrite=True)
+    assert len(read_csv(out / "metrics.csv")) == 1 and (out / "checkpoints" / "last.json").is_file()
+    under_a_file = config_from_dict(image_config(images, out / "metrics.csv" / "run"))
+    with pytest.raises(ValueError, match=r"metrics.csv' is a file, not a folder"):
+        train(under_a_file, model=TinyNet())
+
+
+def test_rewriting_a_log_on_resume_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import csv
+
+    from gcnet.engine.metrics import CsvLog
+
+    path = tmp_path / "steps.csv"
+    log = CsvLog(path, ["step", "loss"])
+    for step in range(1, 6):
+        log.write({"step": step, "loss": 1.0 / step})
+    log.close()
+    before = path.read_text()
+
+    def killed(self: csv.DictWriter, rows: object) -> None:
+        raise KeyboardInterrupt  # the process dies while the kept rows are being written
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", killed)
+    with pytest.raises(KeyboardInterrupt):
+        CsvLog(path, ["step", "loss"], keep_until_step=3)
+    assert path.read_text() == before and [p.name for p in tmp_path.iterdir()] == ["steps.csv"]
+    monkeypatch.undo()
+    CsvLog(path, ["step", "loss"], keep_until_step=3).close()
+    assert [r["step"] for r in read_csv(path)] == ["1", "2", "3"]
+
+
+def test_cli_reports_a_corrupt_file_under_on_corrupt_error_in_one_line(tmp_path: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    import yaml
+
+    from gcnet.cli import main
+
+    root = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=12)
+    (root / "class_1" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    config = image_config(root, tmp_path / "run", data={"val_fraction": 0.0, "batch_size": 7, "on_corrupt": "error"},
+                          train={"epochs": 1})
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("gcnet train: corrupt or unreadable file ") and "broken.jpg" in err[-1]
+    assert not any("Traceback" in line for line in err)

@@ -1,4 +1,8 @@
-"""Tiny generated data and a tiny network, shared by the engine tests and their subprocess scripts."""
+"""Tiny generated data and tiny networks, for the engine tests and their subprocess scripts.
+
+Configs name a registered model (the schema checks it at load); the tests pass the tiny network
+itself to `gcnet.builder.train(config, model=...)`.
+"""
 
 from __future__ import annotations
 
@@ -61,7 +65,7 @@ def make_image_folder(root: Path, classes: int = 3, per_class: int = 8, size: in
 def image_config(data_root: Path, out_dir: Path, **sections: dict) -> dict:
     """A plain config dict for the tiny image data; `sections` update its sections."""
     config = {
-        "model": {"name": "tiny", "num_classes": 3},
+        "model": {"name": "cifar_resnet20", "num_classes": 3},
         "data": {"train": str(data_root), "val_fraction": 0.25, "image_size": 12, "batch_size": 6, "augment": "cifar"},
         "optim": {"name": "sgd", "lr": 0.05, "weight_decay": 5e-4},
         "schedule": {"name": "cosine", "warmup_epochs": 1},
@@ -70,3 +74,21 @@ def image_config(data_root: Path, out_dir: Path, **sections: dict) -> dict:
     for name, values in sections.items():
         config[name].update(values)
     return config
+
+
+
+def kill_after_steps(command: list[str], env: dict[str, str], steps_csv: Path, steps: int, timeout: float) -> None:
+    """Start `command`, SIGKILL it once `steps_csv` logs `steps` steps; fail if it ends first."""
+    import signal
+    import subprocess
+    import time
+
+    child = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and child.poll() is None:
+        if steps_csv.is_file() and len(steps_csv.read_text().splitlines()) - 1 >= steps:
+            break
+        time.sleep(0.01)
+    assert child.poll() is None, f"the run ended before it could be killed: {child.stderr.read().decode()[-2000:]}"
+    child.send_signal(signal.SIGKILL)
+    child.wait()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from torch import Tensor, nn
 from gcnet.analysis.attention import attention_maps
 from gcnet.analysis.figures import markdown_table, plot_query_maps, plot_statistics
 from gcnet.analysis.statistics import QueryStatistics
+
+logger = logging.getLogger("gcnet.analysis")
 
 
 def _displayable(sample: Tensor) -> Tensor:
@@ -61,7 +64,17 @@ def analyze(
 
 
 def batches_of(dataset: torch.utils.data.Dataset, batch_size: int) -> Iterable[Tensor]:
-    """The inputs of a (input, label) dataset in batches, in order."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    for inputs, _ in loader:
-        yield inputs
+    """The inputs of an (input, label) dataset in batches, in order; corrupt files are skipped and logged.
+
+    Multi-clip video items (K, C, T, H, W) come out as K clips each: (B * K, C, T, H, W).
+    """
+    from gcnet.data.sampling import collate_skipping
+
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_skipping)
+    for batch in loader:
+        for path in batch["skipped"]:
+            logger.warning("analysis skipped corrupt file %s", path)
+        inputs = batch["input"]
+        if inputs is None:
+            continue
+        yield inputs.flatten(0, 1) if inputs.dim() == 6 else inputs

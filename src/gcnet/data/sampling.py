@@ -10,35 +10,80 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler, default_collate
+from torch.utils.data import Dataset, Sampler, default_collate
 
 from gcnet.data.errors import Skipped
 
 
-class ResumableDistributedSampler(DistributedSampler):
-    """`DistributedSampler` (same order for world size 1) that can start part-way into an epoch.
+def epoch_batches(
+    length: int, batch_size: int, seed: int, epoch: int, groups: Sequence[int] | None = None
+) -> list[list[int]]:
+    """The global batches of one epoch: a permutation seeded by (seed + epoch) cut into full batches.
 
-    Rank r takes positions r, r + W, r + 2W, ... of the seeded permutation, so batch k of W ranks
-    with per-rank batch b holds exactly the samples of batch k of one process with batch W * b.
+    With `groups` (e.g. aspect-ratio bins), each batch is filled from one group as its indices come
+    up, and what the groups leave over forms mixed batches at the end; an incomplete last batch is
+    dropped, so every batch splits evenly over processes.
+    """
+    order = torch.randperm(length, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+    if groups is None:
+        return [order[i : i + batch_size] for i in range(0, length - batch_size + 1, batch_size)]
+    if len(groups) != length:
+        raise ValueError(f"groups has {len(groups)} entries for {length} samples")
+    batches: list[list[int]] = []
+    buffers: dict[int, list[int]] = {}
+    for index in order:
+        buffer = buffers.setdefault(groups[index], [])
+        buffer.append(index)
+        if len(buffer) == batch_size:
+            batches.append(list(buffer))
+            buffer.clear()
+    rest = [index for group in sorted(buffers) for index in buffers[group]]
+    return batches + [rest[i : i + batch_size] for i in range(0, len(rest) - batch_size + 1, batch_size)]
+
+
+class MicroBatchSampler(Sampler[list[int]]):
+    """This process's micro-batches of every global batch, resumable at any step of an epoch.
+
+    Global batch k is split into `world_size * accumulation` micro-batches; micro-batch g takes
+    positions g, g + W*A, g + 2*W*A, ... of it, and process r runs g = m * W + r for m < A. So one
+    process with A = 2 sees exactly the micro-batches that two processes with A = 1 see, and a
+    micro-batch's samples do not depend on how the work is spread.
+
+    Args:
+        length: samples in the dataset.
+        batch_size: global batch; must split into world_size * accumulation equal parts.
+        world_size, rank: processes and this one's rank.
+        accumulation: micro-batches per process per optimizer step.
+        seed: base seed of the per-epoch shuffle.
+        groups: group id per sample for `epoch_batches`, or None.
     """
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, shuffle: bool, seed: int) -> None:
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
-        self.start = 0
+    def __init__(self, length: int, batch_size: int, world_size: int, rank: int, accumulation: int, seed: int,
+                 groups: Sequence[int] | None = None) -> None:
+        parts = world_size * accumulation
+        if batch_size % parts:
+            raise ValueError(f"the global batch of {batch_size} does not split into {world_size} processes x "
+                             f"{accumulation} accumulation steps")
+        self.length, self.batch_size, self.seed = length, batch_size, seed
+        self.world_size, self.rank, self.accumulation = world_size, rank, accumulation
+        self.groups = list(groups) if groups is not None else None
+        self.epoch, self.start = 0, 0
+        self.steps = len(epoch_batches(length, batch_size, seed, 0, self.groups))
 
-    def set_start(self, start: int) -> None:
-        """Skip the first `start` indices of this rank in the current epoch (resuming mid-epoch)."""
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
-        self.start = start
+    def set_epoch(self, epoch: int, start_step: int = 0) -> None:
+        """Choose the shuffle of `epoch` and skip its first `start_step` global batches (resuming)."""
+        if start_step < 0:
+            raise ValueError(f"start_step must be >= 0, got {start_step}")
+        self.epoch, self.start = epoch, start_step
 
-    def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())
-        return iter(indices[self.start :])
+    def __iter__(self) -> Iterator[list[int]]:
+        parts = self.world_size * self.accumulation
+        for batch in epoch_batches(self.length, self.batch_size, self.seed, self.epoch, self.groups)[self.start :]:
+            for m in range(self.accumulation):
+                yield batch[m * self.world_size + self.rank :: parts]
 
     def __len__(self) -> int:
-        return max(self.num_samples - self.start, 0)
+        return max(self.steps - self.start, 0) * self.accumulation
 
 
 class ShardSampler(torch.utils.data.Sampler[int]):
@@ -92,9 +137,3 @@ def collate_skipping(batch: Sequence[Any]) -> dict[str, Any]:
         return {"input": None, "target": None, "skipped": skipped}
     inputs, targets = default_collate(kept)
     return {"input": inputs, "target": targets, "skipped": skipped}
-
-
-def batch_size_of(batch: dict[str, Any]) -> int:
-    """Number of samples in a collated batch (0 when all were skipped)."""
-    value: Tensor | None = batch["input"]
-    return 0 if value is None else int(value.shape[0])

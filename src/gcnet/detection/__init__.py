@@ -3,27 +3,16 @@
 GCNet (arXiv:1904.11492) reports COCO Mask R-CNN R50-FPN box/mask AP 37.2/33.8 -> 39.4/35.7 with
 GC r16 in c3-c5 (44.4M -> 46.9M parameters). This package builds those detectors with any gcnet
 context block, reads COCO json + image folders (bad records reported by image id and skipped),
-trains them and scores them with pycocotools' COCOeval.
+and scores them with pycocotools' COCOeval; `DetectionTask` trains them on the shared loop.
 
-Entry points: `create_detector`, `train_detection(config)`, `evaluate_detection(model, dataset)`,
-`evaluate_detection_checkpoint(...)`, `load_detection_config(path)`; CLI `gcnet detect-train` /
-`gcnet detect-eval` (gcnet.detection.cli).
+Entry points: `create_detector`, `evaluate_detection(model, dataset)`; runs go through
+`gcnet train` / `gcnet eval` with a `task: detection` config (`gcnet.builder`).
 """
 
-from gcnet.detection.config import (
-    DetectionConfig,
-    DetectionDataConfig,
-    DetectionModelConfig,
-    DetectionTrainConfig,
-    detection_config_from_dict,
-    is_detection_config,
-    load_detection_config,
-)
 from gcnet.detection.data import (
     CocoDetection,
     DataReport,
     DetectionBatch,
-    GroupedBatchSampler,
     Problem,
     SkippedImage,
     aspect_ratio_groups,
@@ -36,7 +25,10 @@ from gcnet.detection.evaluate import (
     DetectionEvaluation,
     coco_stats,
     draw_predictions,
+    Predictions,
     evaluate_detection,
+    predict_detection,
+    score_detection,
     to_coco_results,
 )
 from gcnet.detection.models import (
@@ -46,54 +38,38 @@ from gcnet.detection.models import (
     convert_frozen_batchnorm,
     create_detector,
     freeze_layers,
-    load_backbone_weights,
+    fpn_backbone,
     resnet_fpn_backbone,
 )
-from gcnet.detection.train import (
-    DetectionTrainResult,
-    build_detector_from_config,
-    evaluate_detection_checkpoint,
-    is_detection_checkpoint,
-    plot_loss_curve,
-    train_detection,
-)
+from gcnet.detection.task import LOSS_NAMES, DetectionTask
 
 __all__ = [
     "ARCHITECTURES",
+    "LOSS_NAMES",
     "STAT_NAMES",
     "CocoDetection",
     "DataReport",
     "DetectionBatch",
-    "DetectionConfig",
-    "DetectionDataConfig",
     "DetectionEvaluation",
-    "DetectionModelConfig",
-    "DetectionTrainConfig",
-    "DetectionTrainResult",
-    "GroupedBatchSampler",
+    "DetectionTask",
+    "Predictions",
     "Problem",
     "SkippedImage",
     "aspect_ratio_groups",
     "backbone_names",
     "build_detector",
-    "build_detector_from_config",
     "coco_stats",
     "collate_detection",
     "convert_frozen_batchnorm",
     "create_detector",
-    "detection_config_from_dict",
     "detection_transforms",
     "draw_predictions",
     "evaluate_detection",
-    "evaluate_detection_checkpoint",
+    "fpn_backbone",
     "freeze_layers",
-    "is_detection_checkpoint",
-    "is_detection_config",
-    "load_backbone_weights",
-    "load_detection_config",
-    "plot_loss_curve",
+    "predict_detection",
     "resnet_fpn_backbone",
+    "score_detection",
     "segmentation_to_mask",
     "to_coco_results",
-    "train_detection",
 ]

@@ -18,7 +18,7 @@ import math
 import os
 import warnings
 from collections import Counter
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -28,7 +28,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torch import Tensor
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
@@ -47,6 +47,7 @@ PROBLEM_KINDS: tuple[str, ...] = (
     "bad_box",
     "zero_size_box",
     "bad_segmentation",
+    "duplicate_id",
 )
 
 
@@ -146,6 +147,11 @@ def _check_segmentation(segmentation: object, height: int, width: int) -> str | 
                 or not all(map(_is_number, polygon))
             ):
                 return "a polygon is not a flat list of >= 3 (x, y) points"
+            # Far outside the image pycocotools crashes (~1e9) or spends minutes (~-1e9) rasterising.
+            xs, ys = polygon[0::2], polygon[1::2]
+            if min(xs) < -width or max(xs) > 2 * width or min(ys) < -height or max(ys) > 2 * height:
+                return (f"polygon points reach ({min(xs):g}..{max(xs):g}, {min(ys):g}..{max(ys):g}), far outside "
+                        f"the {width}x{height} image")
         return None
     if isinstance(segmentation, dict):
         size, counts = segmentation.get("size"), segmentation.get("counts")
@@ -177,8 +183,11 @@ def _read_annotations(annotations: str | os.PathLike[str] | Mapping[str, Any]) -
         path = Path(annotations)
         if not path.is_file():
             raise ValueError(f"no COCO annotation file at {str(path)!r}")
-        with path.open() as handle:
-            data, source = json.load(handle), str(path)
+        try:
+            with path.open() as handle:
+                data, source = json.load(handle), str(path)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ValueError(f"{path}: not a COCO json file ({type(error).__name__}: {error})") from None
     if not isinstance(data, dict):
         raise TypeError(f"{source}: expected a COCO json object, got {type(data).__name__}")
     for key in ("images", "annotations", "categories"):
@@ -274,6 +283,10 @@ class CocoDetection(Dataset):
                     f"image record lacks id / file_name / positive height and width: {record!r}"[:200],
                 )
                 continue
+            if record["id"] in images:
+                report.add(record["id"], "duplicate_id", f"image id {record['id']} is listed again "
+                           f"({record['file_name']}); the first record is kept")
+                continue
             images[record["id"]] = record
         if image_ids is not None:
             unknown = [i for i in image_ids if i not in images]
@@ -290,8 +303,15 @@ class CocoDetection(Dataset):
             else:
                 kept.append(images[image_id])
         by_image: dict[int, list[dict[str, Any]]] = {r["id"]: [] for r in kept}
+        seen: set[object] = set()
         for index, ann in enumerate(data["annotations"]):
             image_id = ann.get("image_id") if isinstance(ann, dict) else None
+            if isinstance(ann, dict) and ann.get("id") is not None:
+                if ann["id"] in seen:
+                    report.add(image_id if isinstance(image_id, int) else None, "duplicate_id",
+                               f"annotation id {ann['id']} is used again; this one is skipped")
+                    continue
+                seen.add(ann["id"])
             if image_id not in images:
                 report.add(
                     image_id if isinstance(image_id, int) else None,
@@ -470,50 +490,3 @@ def aspect_ratio_groups(ratios: Sequence[float], factor: int = 3) -> list[int]:
         return [0] * len(ratios)
     bins = 2 ** np.linspace(-1, 1, 2 * factor + 1)
     return [int(g) for g in np.digitize(np.asarray(ratios, dtype=np.float64), bins)]
-
-
-class GroupedBatchSampler(Sampler[list[int]]):
-    """Batches whose images share an aspect-ratio group, so padding to the batch's largest size wastes little.
-
-    Indices are shuffled per epoch (seed + epoch); each group fills its own batch, and a group's
-    remainder at the end of an epoch forms a smaller batch, so every image is seen once per epoch.
-
-    Args:
-        group_ids: group of each dataset index (`aspect_ratio_groups`).
-        batch_size: images per batch.
-        shuffle: shuffle each epoch; False keeps index order.
-        seed: base seed of the shuffle.
-    """
-
-    def __init__(
-        self, group_ids: Sequence[int], batch_size: int, shuffle: bool = True, seed: int = 0
-    ) -> None:
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        self.group_ids = list(group_ids)
-        self.batch_size, self.shuffle, self.seed = batch_size, shuffle, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the shuffle of `epoch`."""
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[int]]:
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(len(self.group_ids), generator=generator).tolist()
-        else:
-            order = list(range(len(self.group_ids)))
-        buffers: dict[int, list[int]] = {}
-        for index in order:
-            buffer = buffers.setdefault(self.group_ids[index], [])
-            buffer.append(index)
-            if len(buffer) == self.batch_size:
-                yield list(buffer)
-                buffer.clear()
-        for group in sorted(buffers):
-            if buffers[group]:
-                yield list(buffers[group])
-
-    def __len__(self) -> int:
-        return sum(math.ceil(n / self.batch_size) for n in Counter(self.group_ids).values())

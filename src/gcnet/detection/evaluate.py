@@ -24,7 +24,7 @@ import torch
 from pycocotools import mask as mask_utils
 from pycocotools.cocoeval import COCOeval
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from gcnet.detection.data import CocoDetection, SkippedImage, collate_detection
 
@@ -125,7 +125,102 @@ def coco_stats(
     return {name: (None if value < 0 else float(value)) for name, value in zip(STAT_NAMES, evaluator.stats)}
 
 
+@dataclass
+class Predictions:
+    """COCO results of the images one process evaluated, ready to be gathered and scored."""
+
+    bbox: list[dict[str, Any]] = field(default_factory=list)
+    segm: list[dict[str, Any]] = field(default_factory=list)
+    evaluated: list[int] = field(default_factory=list)
+    skipped: list[SkippedImage] = field(default_factory=list)
+    kept: list[tuple[Tensor, dict[str, Tensor]]] = field(default_factory=list)
+    has_masks: bool = False
+    seconds: float = 0.0
+
+    def merge(self, others: Sequence[Predictions]) -> Predictions:
+        """These predictions and those of other processes as one (kept pictures from this one)."""
+        merged = Predictions(kept=self.kept)
+        for part in (self, *others):
+            merged.bbox += part.bbox
+            merged.segm += part.segm
+            merged.evaluated += part.evaluated
+            merged.skipped += part.skipped
+            merged.has_masks = merged.has_masks or part.has_masks
+            merged.seconds = max(merged.seconds, part.seconds)
+        return merged
+
+
 @torch.no_grad()
+def predict_detection(
+    model: nn.Module,
+    dataset: CocoDetection,
+    *,
+    indices: Sequence[int] | None = None,
+    batch_size: int = 1,
+    workers: int = 0,
+    device: torch.device | str = "cpu",
+    keep_outputs: int = 0,
+    mask_threshold: float = 0.5,
+) -> Predictions:
+    """Run `model` in eval mode over `dataset` (or the items at `indices`: one process's share) into COCO results."""
+    if not isinstance(dataset, CocoDetection):
+        raise TypeError(f"dataset must be a CocoDetection, got {type(dataset).__name__}")
+    if dataset.train:
+        raise ValueError(
+            "evaluate on a CocoDetection built with train=False (it keeps crowd regions and empty images)"
+        )
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        dataset if indices is None else Subset(dataset, list(indices)),
+        batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection,
+    )
+    result = Predictions()
+    started = time.perf_counter()
+    for batch in loader:
+        result.skipped.extend(batch.skipped)
+        if not batch.images:
+            continue
+        outputs = model([image.to(device) for image in batch.images])
+        for image, target, output in zip(batch.images, batch.targets, outputs):
+            image_id = int(target["image_id"])
+            boxes, masks = to_coco_results(output, image_id, dataset.label_to_category, mask_threshold)
+            result.bbox.extend(boxes)
+            result.segm.extend(masks)
+            result.has_masks = result.has_masks or "masks" in output
+            result.evaluated.append(image_id)
+            if len(result.kept) < keep_outputs:
+                result.kept.append((image, {k: v.cpu() for k, v in output.items()}))
+    result.seconds = time.perf_counter() - started
+    model.train(was_training)
+    return result
+
+
+def score_detection(dataset: CocoDetection, predictions: Predictions) -> DetectionEvaluation:
+    """COCOeval of gathered predictions against the dataset's ground truth (bbox, and segm with masks)."""
+    if predictions.skipped:
+        logger.warning(
+            "evaluation skipped %d unreadable images: %s",
+            len(predictions.skipped),
+            [s.image_id for s in predictions.skipped],
+        )
+    if not predictions.evaluated:
+        raise ValueError(
+            f"no image of {dataset.report.source} could be evaluated (all {len(predictions.skipped)} unreadable)"
+        )
+    evaluated = sorted(predictions.evaluated)
+    metrics = {"bbox": coco_stats(dataset, predictions.bbox, "bbox", evaluated)}
+    if predictions.has_masks and dataset.masks:
+        metrics["segm"] = coco_stats(dataset, predictions.segm, "segm", evaluated)
+    if not predictions.bbox:
+        logger.warning("the detector made no detections on %d images", len(evaluated))
+    result = DetectionEvaluation(metrics, len(evaluated), len(predictions.bbox), predictions.seconds,
+                                 predictions.skipped, predictions.kept)
+    logger.info("COCO evaluation on %d images: %s", len(evaluated), format_metrics(result.metrics))
+    return result
+
+
 def evaluate_detection(
     model: nn.Module,
     dataset: CocoDetection,
@@ -141,57 +236,9 @@ def evaluate_detection(
     Images that fail to decode are reported by id (logged, listed in `skipped`) and left out of
     the evaluated image ids. Segm metrics appear when the model predicts masks and the dataset has them.
     """
-    if not isinstance(dataset, CocoDetection):
-        raise TypeError(f"dataset must be a CocoDetection, got {type(dataset).__name__}")
-    if dataset.train:
-        raise ValueError(
-            "evaluate on a CocoDetection built with train=False (it keeps crowd regions and empty images)"
-        )
-    device = torch.device(device)
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate_detection
-    )
-    bbox: list[dict[str, Any]] = []
-    segm: list[dict[str, Any]] = []
-    evaluated: list[int] = []
-    skipped: list[SkippedImage] = []
-    kept: list[tuple[Tensor, dict[str, Tensor]]] = []
-    started = time.perf_counter()
-    has_masks = False
-    for batch in loader:
-        skipped.extend(batch.skipped)
-        if not batch.images:
-            continue
-        outputs = model([image.to(device) for image in batch.images])
-        for image, target, output in zip(batch.images, batch.targets, outputs):
-            image_id = int(target["image_id"])
-            boxes, masks = to_coco_results(output, image_id, dataset.label_to_category, mask_threshold)
-            bbox.extend(boxes)
-            segm.extend(masks)
-            has_masks = has_masks or "masks" in output
-            evaluated.append(image_id)
-            if len(kept) < keep_outputs:
-                kept.append((image, {k: v.cpu() for k, v in output.items()}))
-    seconds = time.perf_counter() - started
-    model.train(was_training)
-    if skipped:
-        logger.warning(
-            "evaluation skipped %d unreadable images: %s", len(skipped), [s.image_id for s in skipped]
-        )
-    if not evaluated:
-        raise ValueError(
-            f"no image of {dataset.report.source} could be evaluated (all {len(skipped)} unreadable)"
-        )
-    metrics = {"bbox": coco_stats(dataset, bbox, "bbox", evaluated)}
-    if has_masks and dataset.masks:
-        metrics["segm"] = coco_stats(dataset, segm, "segm", evaluated)
-    if not bbox:
-        logger.warning("the detector made no detections on %d images", len(evaluated))
-    result = DetectionEvaluation(metrics, len(evaluated), len(bbox), seconds, skipped, kept)
-    logger.info("COCO evaluation on %d images: %s", len(evaluated), format_metrics(result.metrics))
-    return result
+    predictions = predict_detection(model, dataset, batch_size=batch_size, workers=workers, device=device,
+                                    keep_outputs=keep_outputs, mask_threshold=mask_threshold)
+    return score_detection(dataset, predictions)
 
 
 def format_metrics(metrics: Mapping[str, Mapping[str, float | None]]) -> str:

@@ -27,17 +27,15 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.ops import FrozenBatchNorm2d
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from gcnet.models import LoadReport, ResNet, create_model, list_models, load_pretrained
+from gcnet.models import ResNet, create_model, list_models, load_for_finetuning
 
 logger = logging.getLogger("gcnet.detection")
 
 Architecture = Literal["mask_rcnn", "faster_rcnn"]
 ARCHITECTURES: tuple[str, ...] = ("mask_rcnn", "faster_rcnn")
-WeightsSource = Literal["torchvision", "mmdet"]
+WeightsSource = Literal["torchvision", "mmdet", "timm", "gcnet"]
 # Prefixes of the backbone parameters that torchvision unfreezes for trainable_layers = 1..5.
 _TRAINABLE_ORDER = ("layer4", "layer3", "layer2", "layer1", "conv1")
-# Backbone keys a classification or detection checkpoint may carry that a detector backbone lacks.
-_IGNORED_CHECKPOINT_KEYS = ("fc.",)
 
 
 def backbone_names() -> list[str]:
@@ -91,40 +89,6 @@ def freeze_layers(body: nn.Module, trainable_layers: int) -> list[str]:
     return frozen_blocks
 
 
-def load_backbone_weights(
-    body: ResNet,
-    checkpoint: str | os.PathLike[str] | Mapping[str, Tensor],
-    source: WeightsSource = "torchvision",
-) -> LoadReport:
-    """Load an ImageNet (torchvision) or GCNet / mmdetection detector (`backbone.*`) checkpoint into `body`.
-
-    Conversion goes through `gcnet.models.convert_state_dict`. The only keys allowed to stay
-    unmatched are the classifier's (`fc.*`) in the checkpoint and, in the model, context /
-    non-local blocks the checkpoint has none of (training starts them from their init); anything
-    else (a wrong depth, a ResNeXt file for a ResNet) raises ValueError naming the keys.
-    """
-    if source not in ("torchvision", "mmdet"):
-        raise ValueError(f"unknown weights source {source!r}; expected one of ['torchvision', 'mmdet']")
-    report = load_pretrained(body, checkpoint, source=source, strict=False)
-    missing = [k for k in report.missing if ".context." not in k and ".nonlocal_blocks." not in k]
-    unexpected = [k for k in report.unexpected if not k.startswith(_IGNORED_CHECKPOINT_KEYS)]
-    if missing or unexpected or report.mismatched:
-        raise ValueError(
-            f"backbone checkpoint ({source}) does not fit: missing {missing}, unexpected {unexpected}, "
-            f"mismatched {list(report.mismatched)}"
-        )
-    new_blocks = sorted(
-        {k.split(".context.")[0] + ".context" if ".context." in k else k for k in report.missing}
-    )
-    logger.info(
-        "loaded backbone weights (%s); %d block tensors start from init: %s",
-        source,
-        len(report.missing),
-        new_blocks[:4] + (["..."] if len(new_blocks) > 4 else []),
-    )
-    return report
-
-
 def resnet_fpn_backbone(
     name: str = "resnet50",
     *,
@@ -150,8 +114,9 @@ def resnet_fpn_backbone(
         nonlocal_indices: per stage, residual blocks followed by a non-local block, e.g.
             ((), (), (4,), ()) for the NL paper's one block in c4.
         backbone_options: further `create_model` options (position, context_options, ...).
-        weights, weights_source: a checkpoint path or state dict, "torchvision" (ImageNet) or
-            "mmdet" (official GCNet / mmdetection detector, its `backbone.*` keys); None: random init.
+        weights, weights_source: a checkpoint path or state dict and its layout ("torchvision"
+            ImageNet, "mmdet" official GCNet / mmdetection detector `backbone.*` keys, "timm",
+            "gcnet"), loaded by `gcnet.models.load_for_finetuning`; None: random init.
         trainable_layers: 0..5 of (layer4, layer3, layer2, layer1, conv1) that train (torchvision).
         frozen_bn: turn BatchNorm2d into FrozenBatchNorm2d (after loading the weights).
         fpn_channels: channels of every FPN level (256 in the papers; smaller for quick tests).
@@ -177,10 +142,26 @@ def resnet_fpn_backbone(
     if stages is not None:
         options["stages"] = tuple(stages)
     body = create_model(name, num_classes=0, **options)
-    if not isinstance(body, ResNet):
-        raise TypeError(f"backbone {name!r} built a {type(body).__name__}; expected a gcnet ResNet")
     if weights is not None:
-        load_backbone_weights(body, weights, weights_source)
+        load_for_finetuning(body, weights, weights_source)
+    return fpn_backbone(body, trainable_layers=trainable_layers, frozen_bn=frozen_bn, fpn_channels=fpn_channels,
+                        returned_layers=returned_layers)
+
+
+def fpn_backbone(
+    body: nn.Module,
+    *,
+    trainable_layers: int = 3,
+    frozen_bn: bool = True,
+    fpn_channels: int = 256,
+    returned_layers: Sequence[int] = (1, 2, 3, 4),
+) -> BackboneWithFPN:
+    """A built gcnet ResNet (weights loaded) frozen as torchvision does and put under its FPN.
+
+    Args: as `resnet_fpn_backbone`.
+    """
+    if not isinstance(body, ResNet):
+        raise TypeError(f"the detection backbone must be a gcnet ResNet, got {type(body).__name__}")
     if frozen_bn:
         convert_frozen_batchnorm(body)
     frozen_blocks = freeze_layers(body, trainable_layers)

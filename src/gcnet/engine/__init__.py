@@ -1,21 +1,21 @@
-"""Training and evaluation: configs, the loop, evaluation, checkpoints, torchrun support."""
+"""The training loop of every task, evaluation, checkpoints and torchrun support."""
 
 from gcnet.engine.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, save_checkpoint
-from gcnet.engine.config import Config, apply_overrides, config_from_dict, load_config
+from gcnet.engine.classification import ClassificationTask
 from gcnet.engine.evaluate import evaluate
-from gcnet.engine.train import NonFiniteLossError, TrainResult, train
+from gcnet.engine.loop import NonFiniteLossError, RunParts, TrainResult
+from gcnet.engine.task import StepLoss, Task
 
 __all__ = [
     "Checkpoint",
-    "Config",
+    "ClassificationTask",
     "NonFiniteLossError",
+    "RunParts",
+    "StepLoss",
+    "Task",
     "TrainResult",
-    "apply_overrides",
-    "config_from_dict",
     "evaluate",
     "load_checkpoint",
-    "load_config",
     "resolve_checkpoint",
     "save_checkpoint",
-    "train",
 ]

@@ -77,6 +77,22 @@ def all_reduce_sum(context: DistContext, tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def broadcast_buffers(context: DistContext, model: nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm statistics) to every rank, so all ranks evaluate the saved model."""
+    if context.distributed:
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def all_gather_objects(context: DistContext, value: object) -> list[object]:
+    """Every rank's `value`, in rank order (a one-element list alone)."""
+    if not context.distributed:
+        return [value]
+    gathered: list[object] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def broadcast_object(context: DistContext, value: object) -> object:
     """Rank 0's `value` on every rank."""
     if not context.distributed:

@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from gcnet.engine.checkpoint import atomic_write
+
 
 def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -> list[int]:
     """Number of samples whose target is among the top k scores, for each k (k capped at the classes)."""
@@ -19,7 +21,11 @@ def topk_correct(logits: Tensor, target: Tensor, ks: tuple[int, ...] = (1, 5)) -
 
 
 class CsvLog:
-    """Append rows to a CSV file with a fixed header; rows past a resumed step are dropped first."""
+    """Append rows to a CSV file with a fixed header; rows past a resumed step are dropped first.
+
+    The kept rows are rewritten to a temporary file that replaces the log atomically, so a kill
+    during the rewrite leaves the old log whole.
+    """
 
     def __init__(self, path: str | Path, fields: list[str], keep_until_step: int | None = None) -> None:
         self.path = Path(path)
@@ -29,11 +35,16 @@ class CsvLog:
             with self.path.open(newline="") as handle:
                 rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= keep_until_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._handle = self.path.open("w", newline="")
+
+        def write(tmp: Path) -> None:
+            with tmp.open("w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+                writer.writeheader()
+                writer.writerows(rows)
+
+        atomic_write(self.path, write)
+        self._handle = self.path.open("a", newline="")
         self._writer = csv.DictWriter(self._handle, fieldnames=fields)
-        self._writer.writeheader()
-        self._writer.writerows(rows)
-        self._handle.flush()
 
     def write(self, row: dict[str, Any]) -> None:
         self._writer.writerow({k: row.get(k, "") for k in self.fields})
@@ -78,6 +89,35 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path, title: str = "") -
     out_png = Path(out_png)
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+    return out_png
+
+
+def plot_step_losses(steps_csv: str | Path, out_png: str | Path, columns: tuple[str, ...], title: str = "") -> Path | None:
+    """The loss (and its named terms) against the step, log scale, from steps.csv; None without steps."""
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_csv(steps_csv) if Path(steps_csv).is_file() else []
+    if not rows:
+        return None
+    steps = [int(r["step"]) for r in rows]
+    figure, ax = plt.subplots(figsize=(7, 4.5))
+    for name in columns:
+        values = [float(r[name]) if r.get(name) not in (None, "") else math.nan for r in rows]
+        if not all(math.isnan(v) for v in values):
+            ax.plot(steps, values, label=name, linewidth=2.0 if name == "loss" else 1.0)
+    ax.set(xlabel="step", ylabel="loss", yscale="log" if all(float(r["loss"]) > 0 for r in rows) else "linear")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    figure.tight_layout()
+    out_png = Path(out_png)
+    figure.savefig(out_png, dpi=100)
+    plt.close(figure)
     return out_png
 
 

@@ -1,15 +1,12 @@
-"""Optimizers with weight decay only where it belongs, and per-step warmup + cosine/step schedules."""
+"""Weight decay only where it belongs, and the per-step warmup + cosine/step learning-rate factor."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 
-import torch
 from torch import nn
-from torch.optim.lr_scheduler import LambdaLR
 
-from gcnet.engine.config import OptimConfig, ScheduleConfig
 
 # Modules whose every parameter is a scale/shift of a normalisation: decaying them only shrinks the
 # features (and the GC block's LayerNorm weight is (C, 1, 1), so "ndim <= 1" alone would miss it).
@@ -38,16 +35,6 @@ def parameter_groups(model: nn.Module, weight_decay: float, decay_norm_and_bias:
     return groups
 
 
-def build_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
-    """SGD with momentum or AdamW over `parameter_groups`."""
-    groups = parameter_groups(model, config.weight_decay, config.decay_norm_and_bias)
-    if config.name == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov)
-    if config.name == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas)
-    raise ValueError(f"unknown optimizer {config.name!r}; expected one of ['sgd', 'adamw']")
-
-
 def lr_factor(
     step: int,
     steps_per_epoch: int,
@@ -73,15 +60,3 @@ def lr_factor(
         progress = min((step - warmup) / max(total - warmup, 1), 1.0)
         return min_lr_factor + (1.0 - min_lr_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {name!r}; expected one of ['cosine', 'step', 'constant']")
-
-
-def build_scheduler(
-    optimizer: torch.optim.Optimizer, config: ScheduleConfig, epochs: int, steps_per_epoch: int
-) -> LambdaLR:
-    """A `LambdaLR` stepped after every optimizer step; its state dict is just the step count."""
-
-    def factor(step: int) -> float:
-        return lr_factor(step, steps_per_epoch, epochs, config.name, config.warmup_epochs,
-                         config.warmup_start_factor, config.milestones, config.gamma, config.min_lr_factor)
-
-    return LambdaLR(optimizer, factor)

@@ -29,8 +29,12 @@ from typing import Literal, Union
 import torch
 from torch import Tensor, nn
 
-Source = Literal["torchvision", "mmdet", "timm"]
-SOURCES: tuple[str, ...] = ("torchvision", "mmdet", "timm")
+Source = Literal["torchvision", "mmdet", "timm", "gcnet"]
+SOURCES: tuple[str, ...] = ("torchvision", "mmdet", "timm", "gcnet")
+# Keys a fine-tuned model may hold that its checkpoint lacks: context / between-block blocks it adds.
+NEW_BLOCK_MARKERS = (".context.", ".nonlocal_blocks.")
+# The classifier: created anew when the class count differs, absent from detection backbones.
+HEAD_PREFIXES = ("fc.",)
 StateDict = dict[str, Tensor]
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Tensor]]
 
@@ -143,7 +147,7 @@ def _fit_to_model(state: StateDict, model: nn.Module) -> StateDict:
 def convert_state_dict(
     state_dict: Mapping[str, object], source: Source, model: nn.Module | None = None
 ) -> StateDict:
-    """Convert a `source` ("torchvision", "mmdet", "timm") state dict to gcnet's key layout.
+    """Convert a `source` ("torchvision", "mmdet", "timm", "gcnet") state dict to gcnet's key layout.
 
     The mmdet layout may carry a `backbone.` prefix (a detector checkpoint); then only backbone
     keys are kept. Given a video `model`, 2D conv kernels are inflated to its temporal sizes.
@@ -239,3 +243,27 @@ def load_pretrained(
     clash = {m.split(" ")[0] for m in mismatched}
     model.load_state_dict({k: v for k, v in state.items() if k in target and k not in clash}, strict=False)
     return report
+
+
+def load_for_finetuning(model: nn.Module, checkpoint: Checkpoint, source: Source = "torchvision") -> LoadReport:
+    """Load a pretrained checkpoint into `model` to fine-tune it, refusing anything that does not fit.
+
+    Allowed to stay unmatched: context / between-block blocks the checkpoint has none of (they start
+    from their identity init), a classifier (`fc.*`) of another class count (created, not loaded)
+    and a checkpoint classifier the model has no place for (a detection backbone). Any other missing,
+    unexpected or mis-shaped key raises ValueError naming them, and nothing is loaded then.
+    """
+    raw = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    state = convert_state_dict(raw, source, model)
+    target = model.state_dict()
+    head_clash = {k for k, v in state.items() if k in target and v.shape != target[k].shape
+                  and k.startswith(HEAD_PREFIXES)}
+    missing = [k for k in target if k not in state and not any(m in k for m in NEW_BLOCK_MARKERS)
+               and k not in head_clash]
+    unexpected = [k for k in state if k not in target and not k.startswith(HEAD_PREFIXES)]
+    mismatched = [f"{k} (checkpoint {tuple(v.shape)}, model {tuple(target[k].shape)})" for k, v in state.items()
+                  if k in target and v.shape != target[k].shape and k not in head_clash]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"the {source} checkpoint does not fit {type(model).__name__}: "
+                         f"{LoadReport(tuple(missing), tuple(unexpected), tuple(mismatched))}")
+    return load_pretrained(model, state, source="gcnet", strict=False)

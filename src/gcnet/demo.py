@@ -15,53 +15,47 @@ from typing import Any
 
 import torch
 
-from gcnet.engine.config import apply_overrides, config_from_dict
+from gcnet.builder import build_model, train
+from gcnet.config import apply_overrides, config_from_dict, data_root, read_config_data
 from gcnet.engine.metrics import count_flops, count_parameters, read_csv
-from gcnet.engine.train import build_model, train
 
-DEMO_CONFIG = Path(__file__).resolve().parents[3] / "configs" / "demo_cifar10.yaml"
-DEFAULT_DATA = Path("../shared/data/cifar10")
+DEMO_CONFIG = "demo_cifar10"
 
-# name -> (context, model options): GC and SE r4 in stages 2-3 (32 and 64 channels); NL as one
-# block after the second residual block of stages 2 (16x16) and 3 (8x8), where maps are small.
-VARIANTS: dict[str, tuple[str | None, dict[str, Any]]] = {
-    "none": (None, {}),
-    "se": ("se", {"reduction": 4}),
-    "gc": ("gc", {"reduction": 4}),
-    "nl": (None, {"nonlocal_indices": [[], [1], [1]]}),
+# name -> model section keys: GC and SE r4 in every block (stages 2-3 have 32 and 64 channels); NL as
+# one block after the second residual block of stages 2 (16x16) and 3 (8x8), where maps are small.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "none": {},
+    "se": {"context": {"block": "se", "reduction": 4}},
+    "gc": {"context": {"block": "gc", "reduction": 4}},
+    "nl": {"nonlocal_blocks": {"indices": [[], [1], [1]]}},
 }
 
 
-def _load_demo_config() -> dict[str, Any]:
-    import yaml
-
-    if not DEMO_CONFIG.is_file():
-        raise ValueError(f"demo config {DEMO_CONFIG} is missing")
-    return yaml.safe_load(DEMO_CONFIG.read_text())
+def variant_overrides(name: str) -> list[str]:
+    """`--set` strings that turn the base config into the variant `name`."""
+    return [f"model.{key}={json.dumps(value)}" for key, value in VARIANTS[name].items()]
 
 
 def run(out: Path, data: str | None, epochs: int | None, train_per_class: int | None) -> int:
     """Train every variant and print the table; returns the exit status."""
-    root = Path(data) if data is not None else DEFAULT_DATA
+    root = Path(data) if data is not None else data_root() / "cifar10"
     if not (root / "train").is_dir() or not (root / "test").is_dir():
         raise ValueError(f"CIFAR-10 ImageFolder not found at {root}; expected {root}/train and {root}/test "
                          "(pass --data)")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     started = time.perf_counter()
-    for name, (context, options) in VARIANTS.items():
-        base = _load_demo_config()
-        overrides = [f"data.train={root / 'train'}", f"data.test={root / 'test'}",
-                     f"train.out_dir={out / name}", f"model.options={json.dumps(options)}"]
-        if context is not None:
-            overrides.append(f"model.context={context}")
+    for name in VARIANTS:
+        base = read_config_data(DEMO_CONFIG)
+        overrides = [f"data.train={root / 'train'}", f"data.test={root / 'test'}", f"train.out_dir={out / name}",
+                     *variant_overrides(name)]
         if epochs is not None:
             overrides.append(f"train.epochs={epochs}")
         if train_per_class is not None:
             overrides.append(f"data.train_per_class={train_per_class}")
         config = config_from_dict(apply_overrides(base, overrides))
         shutil.rmtree(out / name, ignore_errors=True)  # the demo always starts fresh
-        print(f"== {name}: {config.model.name} context={context} options={options}", flush=True)
+        print(f"== {name}: {config.model.name} {VARIANTS[name] or 'no block'}", flush=True)
         result = train(config)
         probe = build_model(config)
         rows.append({

@@ -1,6 +1,6 @@
 """The CIFAR-10 study: ResNet-20 baseline vs +SE vs +GC vs +NL on the full train split, resumable.
 
-    python -m gcnet.engine.study --out outputs/study --epochs 15 --seeds 0 1 --parallel 2
+    python -m gcnet.study --out outputs/study --epochs 15 --seeds 0 1 --parallel 2
 
 Every (variant, seed) run is a `gcnet train` child process with one thread; `--parallel` of them
 share the cores. Re-running the same command resumes unfinished runs from their last checkpoint
@@ -20,22 +20,21 @@ from pathlib import Path
 from typing import Any
 
 from gcnet.engine.checkpoint import has_checkpoint
-from gcnet.engine.demo import VARIANTS
+from gcnet.config import data_root
+from gcnet.demo import VARIANTS, variant_overrides
 from gcnet.engine.metrics import read_csv
 
-CONFIG = Path(__file__).resolve().parents[3] / "configs" / "cifar10_resnet20.yaml"
+CONFIG = "cifar10_resnet20"
 
 
 def run_command(out: Path, variant: str, seed: int, epochs: int, data: Path) -> list[str]:
     """The `gcnet train` command of one run (with --resume when it has a checkpoint)."""
-    context, options = VARIANTS[variant]
-    command = [sys.executable, "-m", "gcnet.cli", "train", str(CONFIG),
+    command = [sys.executable, "-m", "gcnet.cli", "train", CONFIG,
                "--set", f"train.out_dir={out / f'{variant}_seed{seed}'}", "--set", f"train.seed={seed}",
                "--set", f"train.epochs={epochs}", "--set", "train.threads=1", "--set", "train.progress=false",
-               "--set", f"data.train={data / 'train'}", "--set", f"data.test={data / 'test'}",
-               "--set", f"model.options={json.dumps(options)}"]
-    if context is not None:
-        command += ["--set", f"model.context={context}"]
+               "--set", f"data.train={data / 'train'}", "--set", f"data.test={data / 'test'}"]
+    for override in variant_overrides(variant):
+        command += ["--set", override]
     if has_checkpoint(out / f"{variant}_seed{seed}"):
         command.append("--resume")
     return command
@@ -73,7 +72,7 @@ def report(out: Path, seeds: list[int]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path("outputs/study"))
-    parser.add_argument("--data", type=Path, default=Path("../shared/data/cifar10"))
+    parser.add_argument("--data", type=Path, default=data_root() / "cifar10")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
