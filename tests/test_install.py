@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -22,9 +23,13 @@ def _run(command: list[str], cwd: Path, env: dict[str, str], timeout: int = 300)
 def test_installed_wheel_runs_train_demo_and_tour_outside_the_checkout(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTEST_XDIST_WORKER")}
     env.update(GCNET_NATIVE="0", OMP_NUM_THREADS="1", PIP_DISABLE_PIP_VERSION_CHECK="1")
+    source = tmp_path / "source"  # a copy: building writes build/ and egg-info next to the sources
+    shutil.copytree(ROOT / "src", source / "src", ignore=shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info"))
+    for name in ("pyproject.toml", "setup.py", "README.md"):
+        shutil.copy(ROOT / name, source / name)
     wheels = tmp_path / "wheels"
     _run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
-          str(ROOT)], tmp_path, env)
+          str(source)], tmp_path, env)
     (wheel,) = wheels.glob("gcnet-*.whl")
 
     fresh = tmp_path / "venv"

@@ -28,15 +28,15 @@ CONFIG = "cifar10_resnet20"
 
 
 def run_command(out: Path, variant: str, seed: int, epochs: int, data: Path) -> list[str]:
-    """The `gcnet train` command of one run (with --resume when it has a checkpoint)."""
+    """The `gcnet train` command of one run (--resume when it has a checkpoint, else --overwrite)."""
     command = [sys.executable, "-m", "gcnet.cli", "train", CONFIG,
                "--set", f"train.out_dir={out / f'{variant}_seed{seed}'}", "--set", f"train.seed={seed}",
                "--set", f"train.epochs={epochs}", "--set", "train.threads=1", "--set", "train.progress=false",
                "--set", f"data.train={data / 'train'}", "--set", f"data.test={data / 'test'}"]
     for override in variant_overrides(variant):
         command += ["--set", override]
-    if has_checkpoint(out / f"{variant}_seed{seed}"):
-        command.append("--resume")
+    # Continue from the last checkpoint; a run that died before its first one starts over.
+    command.append("--resume" if has_checkpoint(out / f"{variant}_seed{seed}") else "--overwrite")
     return command
 
 

@@ -210,6 +210,9 @@ def test_resume_applies_a_longer_run_and_refuses_changed_optimisation(images: Pa
     with pytest.raises(ValueError, match=r"the config changes optim.lr \(0.05 -> 0.01\), which a resumed run cannot"):
         train(config_from_dict({**short, "optim": {**short["optim"], "lr": 0.01}}), resume=True,
               model=lambda c: TinyNet())
+    other_model = {**short, "model": {**short["model"], "context": {"block": "se", "reduction": 2}}}
+    with pytest.raises(ValueError, match=r"changes model.context \(\{.*'block': None.*\} -> \{.*'block': 'se'"):
+        train(config_from_dict(other_model), resume=True, model=lambda c: TinyNet())
     longer = {**short, "train": {**short["train"], "epochs": 2}}
     resumed = train(config_from_dict(longer), resume=True, model=lambda c: TinyNet())
     assert len(resumed.step_losses) == 3 and load_checkpoint(tmp_path / "run").state["epoch"] == 2
