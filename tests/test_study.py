@@ -1,0 +1,47 @@
+"""The CIFAR-10 study: runs write one JSON each, a second sitting skips them, the summary pairs seeds."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from gcnet.study import load_results, main, paired_difference, summary_table
+from tests.engine.tiny import make_image_folder
+
+SMOKE = ["data.batch_size=8", "data.eval_batch_size=16", "data.workers=0", "data.val_fraction=0.25",
+         "train.max_steps_per_epoch=2", "train.checkpoint_every_steps=0", "train.plot=false"]
+
+
+def test_grid_writes_one_result_per_run_and_a_later_sitting_skips_them(tmp_path: Path) -> None:
+    data = tmp_path / "cifar"
+    for split in ("train", "test"):
+        make_image_folder(data / split, classes=3, per_class=8, size=32)
+    results, work = tmp_path / "results", tmp_path / "work"
+    argv = ["run", "--results", str(results), "--work", str(work), "--data", str(data), "--epochs", "1",
+            "--seeds", "0", "1", "--variants", "none", "gc_r4", *[a for o in SMOKE for a in ("--set", o)]]
+    assert main(argv) == 0
+    assert sorted(p.name for p in results.glob("*_seed*.json")) == [
+        "gc_r4_seed0.json", "gc_r4_seed1.json", "none_seed0.json", "none_seed1.json"]
+    result = json.loads((results / "gc_r4_seed1.json").read_text())
+    assert result["seed"] == 1 and result["parameters"] > 269_722 and 0 <= result["test_top1"] <= 100
+    assert result["test_images"] == 24 and result["epochs"] == 1
+    stamp = (results / "none_seed0.json").stat().st_mtime_ns
+    assert main(argv) == 0  # nothing left to run
+    assert (results / "none_seed0.json").stat().st_mtime_ns == stamp
+    table = (results / "summary.md").read_text()
+    assert "| gc_r4 | 2 |" in table and "(n=2)" in table and "| snl | 0 | not run yet |" in table
+    assert (results / "summary.png").stat().st_size > 5_000
+
+
+def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
+    variant, base = {0: 91.0, 1: 90.2, 2: 91.4}, {0: 90.5, 1: 90.0, 2: 90.6}
+    mean, half, n = paired_difference(variant, base)
+    differences = [0.5, 0.2, 0.8]
+    assert n == 3 and mean == pytest.approx(0.5)
+    assert half == pytest.approx(4.303 * statistics.stdev(differences) / math.sqrt(3))
+    assert paired_difference({0: 1.0}, {0: 2.0}) is None
+    assert "not run yet" in summary_table(load_results(Path("/nonexistent")))
