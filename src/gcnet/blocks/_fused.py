@@ -193,6 +193,10 @@ class AttentionPoolAdd(torch.autograd.Function):
             return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,
                     grad_key_bias if needs[2] else None, None, *grad_params)
 
+        # Under autocast the pooled weights, the context and x may be bf16 while W_k is fp32: run
+        # the products in x's dtype, as autocast ran the forward's.
+        dtype = positions.dtype
+        grad, grad_context, weights = grad.to(dtype), grad_context.to(dtype), weights.to(dtype)
         # d loss / d alpha_j = grad_context . x_j, then the softmax backward.
         grad_weights = torch.bmm(grad_context.unsqueeze(1), positions)  # (B, 1, N)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
@@ -200,7 +204,7 @@ class AttentionPoolAdd(torch.autograd.Function):
         grad_x = None
         if needs[0]:
             # grad_x = grad_out + grad_context alpha^T + W_k^T grad_logits: one pass, no temporaries.
-            left = torch.stack((grad_context, key_weight.expand(B, C)), dim=2)  # (B, C, 2)
+            left = torch.stack((grad_context, key_weight.to(dtype).expand(B, C)), dim=2)  # (B, C, 2)
             right = torch.cat((weights, grad_logits), dim=1)  # (B, 2, N)
             if _transposed_is_dense(grad):
                 grad_x = torch.baddbmm(grad.transpose(1, 2), right.transpose(1, 2), left.transpose(1, 2))
@@ -210,8 +214,8 @@ class AttentionPoolAdd(torch.autograd.Function):
             grad_x = grad_x.reshape(x.shape)
         grad_key_weight = None
         if needs[1]:
-            grad_key_weight = weighted_pool(positions, grad_logits).sum(dim=0, keepdim=True)  # (1, C)
-        grad_key_bias = grad_logits.sum().reshape(1) if needs[2] else None
+            grad_key_weight = weighted_pool(positions, grad_logits).sum(dim=0, keepdim=True).to(key_weight.dtype)
+        grad_key_bias = grad_logits.sum().reshape(1).to(key_weight.dtype) if needs[2] else None
         return (grad_x, grad_key_weight, grad_key_bias, None, *grad_params)
 
 
