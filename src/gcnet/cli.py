@@ -105,6 +105,16 @@ def run_configs(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_convert_nl(args: argparse.Namespace) -> int:
+    """`gcnet convert-nl CHECKPOINT --data DIR --out OUT`: NL blocks -> SNL blocks fitted to their own maps."""
+    from gcnet.analysis.nl_to_gc import convert_checkpoint
+
+    report = convert_checkpoint(args.checkpoint, args.data, args.out, calibration=args.calibration,
+                                batches=args.batches, batch_size=args.batch_size, steps=args.steps)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gcnet` parser with every subcommand."""
     parser = argparse.ArgumentParser(prog="gcnet", description="Global context blocks, models and tools.")
@@ -160,6 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     configs = commands.add_parser("configs", help="list the configs shipped with gcnet, or print one")
     configs.add_argument("name", nargs="?", default=None, help="a shipped config, e.g. cifar10_resnet20")
     configs.set_defaults(handler=run_configs)
+    convert = commands.add_parser("convert-nl", help="replace a checkpoint's NL blocks by SNL blocks fitted to "
+                                  "their query-averaged attention maps (no retraining)")
+    convert.add_argument("checkpoint", help="a checkpoint folder or run folder written by `gcnet train`")
+    convert.add_argument("--data", required=True, help="image or video folder the original and converted models "
+                         "are evaluated on")
+    convert.add_argument("--calibration", default=None, help="folder whose first batches fit the keys (default: "
+                         "the checkpoint's data.train, so evaluation data is not used for fitting)")
+    convert.add_argument("--out", required=True, help="folder for converted.safetensors and report.json")
+    convert.add_argument("--batches", type=int, default=4, help="calibration batches (default 4)")
+    convert.add_argument("--batch-size", type=int, default=32, help="inputs per calibration batch (default 32)")
+    convert.add_argument("--steps", type=int, default=100, help="L-BFGS iterations per block (default 100)")
+    convert.set_defaults(handler=run_convert_nl)
     return parser
 
 
