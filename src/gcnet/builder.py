@@ -317,10 +317,10 @@ def _placed(model: nn.Module, config: Config, context: distributed.DistContext) 
 def build_run(config: Config, context: distributed.DistContext, model: ModelArg = None) -> RunParts:
     """Everything the training loop needs: task, sampler and loader, optimizer and schedule."""
     d, t = config.data, config.train
-    task = build_task(config, context, model)
-    if d.batch_size % (context.world_size * t.accumulation_steps):
+    if d.batch_size % (context.world_size * t.accumulation_steps):  # before any data is read
         raise ConfigError(f"config key 'data.batch_size': {d.batch_size} does not split into {context.world_size} "
                           f"processes x {t.accumulation_steps} accumulation steps")
+    task = build_task(config, context, model)
     train_set = SeededDataset(task.train_set, t.seed)
     sampler = MicroBatchSampler(len(train_set), d.batch_size, context.world_size, context.rank,
                                 t.accumulation_steps, t.seed, task.groups)
