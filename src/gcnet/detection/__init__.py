@@ -1,7 +1,8 @@
 """Detection and instance segmentation: torchvision's Mask / Faster R-CNN on gcnet ResNet-FPN backbones.
 
-GCNet (arXiv:1904.11492) reports COCO Mask R-CNN R50-FPN box/mask AP 37.2/33.8 -> 39.4/35.7 with
-GC r16 in c3-c5 (44.4M -> 46.9M parameters). This package builds those detectors with any gcnet
+GCNet (arXiv:1904.11492; official repository README) reports COCO Mask R-CNN R50-FPN box/mask AP
+37.2/33.8 -> 39.4/35.7 with GC r16 in c3-c5 for a SyncBN backbone, 37.3/34.2 -> 38.5/35.1 with frozen
+BN (44.4M -> 46.9M parameters); the two shipped configs follow those settings. This package builds those detectors with any gcnet
 context block, reads COCO json + image folders (bad records reported by image id and skipped),
 and scores them with pycocotools' COCOeval; `DetectionTask` trains them on the shared loop.
 
