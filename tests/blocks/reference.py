@@ -114,8 +114,12 @@ def non_local_reference(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
     def project(name: str, v: Tensor) -> Tensor:
         return sd[f"{name}.weight"] @ v + sd[f"{name}.bias"]
 
+    pool_input = getattr(block, "subsample_at", "projections") == "input"
     for b in range(B):
         def pooled(name: str | None, group: list[int]) -> Tensor:
+            if pool_input:  # the released code: max-pool x, then project
+                x_max = torch.stack([X[b, :, p] for p in group]).max(dim=0).values
+                return x_max if name is None else project(name, x_max)
             feats = [X[b, :, p] if name is None else project(name, X[b, :, p]) for p in group]
             return torch.stack(feats).max(dim=0).values
 

@@ -23,6 +23,23 @@ def test_matches_paper_reference(mode: str, dims: int, subsample: bool) -> None:
     torch.testing.assert_close(block.attention_map(x), maps, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("mode", MODES)
+def test_pooling_the_input_as_the_released_code_matches_its_reference(mode: str, dims: int) -> None:
+    block = build(mode, dims, subsample=True, subsample_at="input")
+    x = sample(dims)
+    expected, maps = non_local_reference(block, x)
+    torch.testing.assert_close(block(x), expected, rtol=0, atol=1e-10)
+    torch.testing.assert_close(block.attention_map(x), maps, rtol=0, atol=1e-12)
+    paper = build(mode, dims, subsample=True)
+    paper.load_state_dict(block.state_dict())
+    assert not torch.allclose(paper(x), block(x))  # max-pool and g (and phi) do not commute
+    assert block.subsample_at == "input" and "subsample_at='input'" in repr(block)
+    gradcheck_block(block, x)
+    with pytest.raises(ValueError, match=r"subsample_at.*'projections', 'input'"):
+        NonLocal(8, subsample=True, subsample_at="before")
+
+
 @pytest.mark.parametrize("scale", ["inner", "channels", 0.3])
 @pytest.mark.parametrize("mode", ["gaussian", "embedded_gaussian"])
 def test_softmax_scale_options(mode: str, scale) -> None:

@@ -11,7 +11,7 @@ from gcnet.blocks import GlobalContext, NonLocal
 from gcnet.models import create_model, inflate_conv_weight, load_pretrained
 from tests.models.helpers import randomize_
 
-NL_VIDEO = {"scale": "inner", "subsample": True}
+NL_VIDEO = {"scale": "inner", "subsample": True, "subsample_at": "input"}  # as the zoo's video NL models
 NL5 = ((), (1, 3), (1, 3, 5), ())
 
 

@@ -10,7 +10,8 @@ Wang et al., "Non-local Neural Networks", CVPR 2018, arXiv:1711.07971, Eqs. 1-6:
     concatenation:      f = ReLU(w_f . [theta(x_i), phi(x_j)]), C(x) = N
 
 theta, phi, g and W_z are 1x1 convolutions (Linear over channels here). With sub-sampling, phi
-(x itself for gaussian) and g are max-pooled, so N counts the pooled key positions.
+(x itself for gaussian) and g are max-pooled, so N counts the pooled key positions; the paper's text
+pools their outputs, the released code (video-nonlocal-net) pools x before them (`subsample_at`).
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from gcnet.blocks._checks import reduced_channels
 from gcnet.blocks._fused import BlockwiseAttention, composite_requested, fused_enabled
 
 Mode = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
+SubsampleAt = Literal["projections", "input"]
+SUBSAMPLE_AT: tuple[str, ...] = ("projections", "input")
 Scale = Literal["none", "inner", "channels"]
 
 MODES: tuple[str, ...] = ("gaussian", "embedded_gaussian", "dot_product", "concatenation")
@@ -67,6 +70,8 @@ class NonLocal(nn.Module):
         dims: position dims of the input: 1 (B, C, L), 2 (B, C, H, W) or 3 (B, C, T, H, W).
         reduction: divisor of the inner channels C' = C // reduction of theta, phi, g (paper: 2).
         subsample: max-pool phi and g with kernel 2, (2, 2) or (1, 2, 2) for 1D, 2D, 3D.
+        subsample_at: "projections" pools phi(x) and g(x) (the paper's text, default); "input" pools
+            x before phi and g (the released code, so its weights reproduce its outputs).
         scale: factor on the dot products before the softmax: "none" (paper text, default),
             "inner" (1/sqrt(C'), the paper's released code), "channels" (1/sqrt(C), timm), or a
             positive number. Only for the softmax modes.
@@ -85,6 +90,7 @@ class NonLocal(nn.Module):
         subsample: bool = False,
         scale: Scale | float = "none",
         norm: bool = True,
+        subsample_at: SubsampleAt = "projections",
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
@@ -95,6 +101,7 @@ class NonLocal(nn.Module):
         self.reduction = reduction
         self.inner_channels = reduced_channels(channels, reduction)
         self.subsample = subsample
+        self.subsample_at = check_choice("subsample_at", subsample_at, SUBSAMPLE_AT)
         self.scale_factor = self._scale_factor(scale)
         self.scale = scale
         inner = self.inner_channels
@@ -158,6 +165,12 @@ class NonLocal(nn.Module):
                     f"got {tuple(x.shape[2:])}"
                 )
         positions = x.flatten(2).transpose(1, 2)  # (B, N, C), a view in NCHW or channels_last memory
+        if self.subsample and self.subsample_at == "input":
+            pooled = self._subsample(positions, x)  # (B, Nk, C)
+            values = _project(pooled, self.g)  # (B, Nk, C')
+            if self.theta is None or self.phi is None:
+                return positions.contiguous(), pooled, values
+            return _project(positions, self.theta), _project(pooled, self.phi), values
         values = self._subsample(_project(positions, self.g), x)  # (B, Nk, C')
         if self.theta is None or self.phi is None:  # gaussian: f compares x_i with (pooled) x_j
             return positions.contiguous(), self._subsample(positions, x), values
@@ -216,4 +229,5 @@ class NonLocal(nn.Module):
         return (
             f"channels={self.channels}, mode={self.mode!r}, dims={self.dims}, reduction={self.reduction}, "
             f"subsample={self.subsample}, scale={self.scale!r}"
+            + (f", subsample_at={self.subsample_at!r}" if self.subsample_at != "projections" else "")
         )

@@ -17,9 +17,10 @@ ALL_STAGES = (True, True, True, True)
 NL1_RESNET50 = ((), (), (4,), ())  # before the last of res4's 6 blocks
 NL5_RESNET50 = ((), (1, 3), (1, 3, 5), ())  # every other block of res3 (4) and res4 (6)
 NL10_RESNET50 = ((), (0, 1, 2, 3), (0, 1, 2, 3, 4, 5), ())  # every block of res3 and res4
-# The released NL code: embedded Gaussian scaled by 1/sqrt(C'); video nets max-pool phi and g by 1x2x2.
+# The released NL code: embedded Gaussian scaled by 1/sqrt(C'); video nets max-pool x by 1x2x2 before
+# phi and g, where the released code pools (the paper's text pools their outputs).
 NL_IMAGE = {"scale": "inner"}
-NL_VIDEO = {"scale": "inner", "subsample": True}
+NL_VIDEO = {"scale": "inner", "subsample": True, "subsample_at": "input"}
 
 # Plain backbones, torchvision-compatible.
 for _builder in (
