@@ -36,7 +36,8 @@ HOSTILE = [
     ("model.context.reductoin=4", r"unknown config key 'model.context.reductoin'; allowed keys in 'model.context'"),
     ("model.context=gx", r"config key 'model.context.block': expected one of \['gc', 'snl', 'se', 'nl'\] or null"),
     ("model.context.mode=dot_product", r"config key 'model.context.mode': block 'gc' has no option 'mode'; "
-                                       r"its options are \['reduction', 'pooling', 'fusion', 'norm', 'relu'\]"),
+                                       r"its options are \['reduction', 'pooling', 'fusion', 'norm', 'relu', "
+                                       r"'hidden_channels', 'norm_eps'\]"),
 ]
 
 

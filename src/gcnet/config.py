@@ -61,6 +61,9 @@ class BlockOptions:
         reduction: bottleneck divisor r (GC, SE; NL's inner channels C / r).
         pooling, fusion, norm, relu: GC framework options (`GlobalContext`).
         mode, subsample, scale: non-local options (`NonLocal`); norm is also NL's BN on W_z.
+        hidden_channels, norm_eps: GC's bottleneck width given directly (instead of C // reduction)
+            and its LayerNorm eps (timm's checkpoints: rounded widths, eps 1e-6).
+        subsample_at: where NL max-pools: "projections" (paper) or "input" (released code).
     """
 
     reduction: int | None = None
@@ -71,6 +74,9 @@ class BlockOptions:
     mode: Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"] | None = None
     subsample: bool | None = None
     scale: Literal["none", "inner", "channels"] | float | None = None
+    hidden_channels: int | None = None
+    norm_eps: float | None = None
+    subsample_at: Literal["projections", "input"] | None = None
 
     def given(self) -> dict[str, Any]:
         """The options that are set, by the block constructors' argument names."""
@@ -627,6 +633,7 @@ def validate(config: Config) -> None:
         "train.epochs": t.epochs, "train.accumulation_steps": t.accumulation_steps, "train.threads": t.threads,
         "train.max_steps_per_epoch": t.max_steps_per_epoch, "model.context.reduction": config.model.context.reduction,
         "model.nonlocal_blocks.reduction": config.model.nonlocal_blocks.reduction,
+        "model.context.hidden_channels": config.model.context.hidden_channels,
         "model.detector.fpn_channels": det.fpn_channels, "model.detector.max_size": det.max_size,
         "model.detector.rpn_pre_nms_top_n_train": det.rpn_pre_nms_top_n_train,
         "model.detector.rpn_post_nms_top_n_train": det.rpn_post_nms_top_n_train,
@@ -655,7 +662,8 @@ def validate(config: Config) -> None:
     for key, (value, closed) in fractions.items():
         if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
             raise ConfigError(f"config key {key!r}: expected 0 <= value {'<=' if closed else '<'} 1, got {value}")
-    positive = {"optim.lr": o.lr, "optim.grad_clip_norm": o.grad_clip_norm, "schedule.gamma": s.gamma}
+    positive = {"optim.lr": o.lr, "optim.grad_clip_norm": o.grad_clip_norm, "schedule.gamma": s.gamma,
+                "model.context.norm_eps": config.model.context.norm_eps}
     for key, value in positive.items():
         if value is not None and value <= 0:
             raise ConfigError(f"config key {key!r}: expected a value > 0{' or null' if 'clip' in key else ''}, "

@@ -1,7 +1,15 @@
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
-from gcnet.blocks import GlobalContext, SimplifiedNonLocal, SqueezeExcite
+from gcnet.blocks import (
+    GlobalContext,
+    SimplifiedNonLocal,
+    SqueezeExcite,
+    composite_autograd,
+    get_context_block,
+)
 from tests.blocks.reference import global_context_reference, randomize_
 from tests.blocks.shapes import gradcheck_block, sample
 
@@ -14,6 +22,7 @@ CONFIGS = [
     pytest.param(dict(norm=False), dict(pooling="attention", fusion="add", bottleneck=True, norm=False, relu=True), id="no-ln"),
     pytest.param(dict(norm=False, relu=False), dict(pooling="attention", fusion="add", bottleneck=True, norm=False, relu=False), id="ratio-only"),
     pytest.param(dict(reduction=None, norm=False, relu=False), dict(pooling="attention", fusion="add", bottleneck=False, norm=False, relu=False), id="no-ratio"),
+    pytest.param(dict(fusion="both", hidden_channels=3), dict(pooling="attention", fusion="both", bottleneck=True, norm=True, relu=True), id="hidden-3"),
 ]
 
 
@@ -120,7 +129,16 @@ def test_reset_parameters_restores_identity() -> None:
         (dict(channels=8, reduction=0), ValueError, "reduction must be >= 1, got 0"),
         (dict(channels=8, reduction=2.0), TypeError, "reduction must be an int, got float"),
         (dict(channels=0), ValueError, "channels must be >= 1"),
-        (dict(channels=8, reduction=None), ValueError, "with reduction=None .* pass norm=False and relu=False"),
+        (dict(channels=8, reduction=None), ValueError, "with reduction=None .* pass norm=False, relu=False"),
+        (dict(channels=8, reduction=None, norm=False, relu=False, hidden_channels=4), ValueError, "hidden_channels belong to the bottleneck"),
+        (dict(channels=8, hidden_channels=0), ValueError, "hidden_channels must be >= 1, got 0"),
+        (dict(channels=8, hidden_channels=2.0), TypeError, "hidden_channels must be an int, got float"),
+        (dict(channels=8, reduction=0, hidden_channels=2), ValueError, "reduction must be >= 1, got 0"),
+        (dict(channels=8, reduction=4, norm_eps=0.0), ValueError, r"norm_eps must be a finite number > 0 .* got 0.0"),
+        (dict(channels=8, reduction=4, norm_eps=-1e-6), ValueError, "norm_eps must be a finite number > 0"),
+        (dict(channels=8, reduction=4, norm_eps=float("nan")), ValueError, "norm_eps must be a finite number > 0"),
+        (dict(channels=8, reduction=4, norm_eps="1e-6"), TypeError, "norm_eps must be a float, got str"),
+        (dict(channels=8, reduction=4, norm_eps=True), TypeError, "norm_eps must be a float, got bool"),
     ],
 )
 def test_bad_arguments_are_named(kwargs: dict, error: type, match: str) -> None:
@@ -149,3 +167,77 @@ def test_gradcheck_snl_and_se(make, dims: int) -> None:
     block = randomize_(make()).double()
     x = sample(dims)
     assert gradcheck_block(block, x)
+
+
+def bottleneck_reference(block: GlobalContext, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x + W_2 ReLU(LN_eps(W_1 c)) with F.layer_norm at `eps`, from the block's context and weights."""
+    fc1, norm, _, fc2 = block.add_transform
+    hidden = F.linear(block.context(x), fc1.weight, fc1.bias)
+    hidden = F.layer_norm(hidden, hidden.shape[-1:], norm.weight, norm.bias, eps)
+    add = F.linear(hidden.relu(), fc2.weight, fc2.bias)
+    return x + add.view(*add.shape, *([1] * (x.dim() - 2)))
+
+
+def test_hidden_channels_and_norm_eps_set_the_bottleneck() -> None:
+    """hidden_channels overrides C // r (here r=16 > C would leave none); norm_eps reaches the LayerNorm."""
+    block = GlobalContext(8, fusion="both", hidden_channels=3, norm_eps=1e-6)
+    for transform in (block.add_transform, block.scale_transform):
+        assert transform[0].weight.shape == (3, 8) and transform[-1].weight.shape == (8, 3)
+        assert isinstance(transform[1], nn.LayerNorm) and transform[1].eps == 1e-6
+    se = SqueezeExcite(64, hidden_channels=8)  # timm's width, not 64 // 16
+    assert se.scale_transform[0].weight.shape == (8, 64)
+
+
+def test_new_options_leave_the_defaults_unchanged() -> None:
+    default, explicit = GlobalContext(256), GlobalContext(256, hidden_channels=16, norm_eps=1e-5)
+    assert {k: v.shape for k, v in default.state_dict().items()} == {
+        k: v.shape for k, v in explicit.state_dict().items()
+    }
+    assert default.add_transform[1].eps == 1e-5
+    assert default.extra_repr() == "channels=256, reduction=16, pooling='attention', fusion='add'"
+    assert SqueezeExcite(64).extra_repr() == "channels=64, reduction=16"
+
+
+def test_repr_shows_the_options_that_are_not_default() -> None:
+    block = GlobalContext(8, hidden_channels=3, norm_eps=1e-6)
+    assert block.extra_repr() == (
+        "channels=8, hidden_channels=3, norm_eps=1e-06, pooling='attention', fusion='add'"
+    )
+    eps_only = GlobalContext(8, reduction=4, norm_eps=1e-6).extra_repr()
+    assert eps_only == "channels=8, reduction=4, norm_eps=1e-06, pooling='attention', fusion='add'"
+    assert SqueezeExcite(64, hidden_channels=8).extra_repr() == "channels=64, hidden_channels=8"
+
+
+@pytest.mark.parametrize("dims", [1, 2, 3])
+def test_norm_eps_is_the_layer_norms(dims: int) -> None:
+    block = randomize_(GlobalContext(8, hidden_channels=3, norm_eps=1e-6)).double()
+    x = sample(dims)
+    with torch.no_grad():
+        out = block(x)
+        torch.testing.assert_close(out, bottleneck_reference(block, x, 1e-6), rtol=0, atol=1e-12)
+        assert (out - bottleneck_reference(block, x, 1e-5)).abs().max() > 1e-9  # the eps is seen
+
+
+def test_fused_path_with_hidden_channels_and_norm_eps_matches_composite() -> None:
+    """Attention pooling + add takes the fused autograd function; its Linear sizes come from the block."""
+    block = randomize_(GlobalContext(8, hidden_channels=3, norm_eps=1e-6)).double()
+    x = sample(2).requires_grad_(True)
+    results = []
+    for context in (torch.enable_grad, composite_autograd):
+        with context():
+            out = block(x)
+            grads = torch.autograd.grad(out.square().sum(), [x, *block.parameters()])
+        results.append((out.detach(), grads))
+    (fused, fused_grads), (composite, composite_grads) = results
+    torch.testing.assert_close(fused, composite, rtol=0, atol=1e-12)
+    for a, b in zip(fused_grads, composite_grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(fused, bottleneck_reference(block, x.detach(), 1e-6), rtol=0, atol=1e-12)
+
+
+def test_factory_takes_the_new_options_by_name() -> None:
+    block = get_context_block("gc", hidden_channels=3, norm_eps=1e-6)(8)
+    assert block.add_transform[0].out_features == 3 and block.add_transform[1].eps == 1e-6
+    assert get_context_block("se", hidden_channels=8)(64).scale_transform[0].out_features == 8
+    with pytest.raises(TypeError, match=r"block 'se' got unknown options \['norm_eps'\]"):
+        get_context_block("se", norm_eps=1e-6)  # SE has no LayerNorm

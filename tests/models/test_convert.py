@@ -18,6 +18,7 @@ from gcnet.models import (
     load_state_dict_file,
     save_state_dict_file,
 )
+from gcnet.models.convert import timm_block_options
 from tests.models.helpers import randomize_
 
 GC_STAGES = {2: (512, 4), 3: (1024, 6), 4: (2048, 3)}  # layerN: (C, blocks) of c3-c5 in ResNet-50
@@ -204,36 +205,130 @@ def test_mmdet_layout_without_prefix_and_with_mul_fusion() -> None:
 
 
 # --- timm -------------------------------------------------------------------------------------
+# timm's ResNet (timm/models/resnet.py) puts its attention module in every residual block's `se`
+# slot, after the last conv + BN (gcnet's "before_add"): "gc" (GlobalContext, scale fusion), "gca"
+# (add fusion), both with rd_ratio 1/8, widths round(C / 8), LayerNorm2d eps 1e-6; "se" (SEModule,
+# rd_ratio 1/16, widths rounded to a multiple of 8: 8 for C = 64 where C // 16 = 4).
 
 
-def test_timm_global_context_resnet_converts_and_matches() -> None:
-    """timm's GlobalContext (conv_attn, mlp_add / mlp_scale = fc1, norm, fc2) in every block.
-
-    timm's LayerNorm2d uses eps 1e-6, gcnet's LayerNorm 1e-5 (as mmdet); with the eps set equal,
-    the converted model computes timm's logits to 1e-10."""
+def timm_resnet(name: str, attn_layer: object = None, seed: int = 5) -> nn.Module:
+    """A timm ResNet with random weights and BN statistics (no download), float64, eval."""
     timm = pytest.importorskip("timm")
+    block_args = {} if attn_layer is None else {"block_args": {"attn_layer": attn_layer}}
+    return randomize_(timm.create_model(name, pretrained=False, **block_args), seed=seed).double().eval()
+
+
+def timm_gc(**options: object) -> object:
     from timm.layers import GlobalContext as TimmGlobalContext
 
-    attn = functools.partial(TimmGlobalContext, fuse_add=True, fuse_scale=True, rd_ratio=1 / 4)
-    theirs = (
-        randomize_(timm.create_model("resnet18", block_args={"attn_layer": attn}), seed=5).double().eval()
-    )
-    model = (
-        create_model(
-            "resnet18",
-            context="gc",
-            reduction=4,
-            context_options={"fusion": "both"},
-            stages=(True, True, True, True),
-        )
-        .double()
-        .eval()
-    )
+    return functools.partial(TimmGlobalContext, **options)
+
+
+@pytest.fixture(scope="module")
+def gca_resnet50() -> nn.Module:
+    return timm_resnet("resnet50", "gca")
+
+
+GC = {"pooling": "attention", "norm_eps": 1e-6}
+TIMM_MODELS = [
+    pytest.param("resnet50", "resnet50", "gca", "gc", 8, {**GC, "fusion": "add"}, id="gca-resnet50"),
+    pytest.param("resnet50", "resnet50", "gc", "gc", 8, {**GC, "fusion": "scale"}, id="gc-resnet50"),
+    pytest.param(
+        "resnet18",
+        "resnet18",
+        lambda: timm_gc(fuse_add=True, fuse_scale=True, rd_ratio=1 / 4),
+        "gc",
+        4,
+        {**GC, "fusion": "both"},
+        id="gc-both-r4-resnet18",
+    ),
+    pytest.param(
+        "resnet18",
+        "resnet18",
+        lambda: timm_gc(use_attn=False, fuse_add=True, fuse_scale=False),
+        "gc",
+        8,
+        {**GC, "pooling": "average", "fusion": "add"},
+        id="avg-add-resnet18",
+    ),
+    pytest.param("seresnet50", "resnet50", None, "se", 16, {}, id="seresnet50"),
+    pytest.param("seresnext50_32x4d", "resnext50_32x4d", None, "se", 16, {}, id="seresnext50_32x4d"),
+]
+
+
+@pytest.mark.parametrize("timm_name,name,attn_layer,block,reduction,options", TIMM_MODELS)
+def test_timm_resnets_load_strictly_and_give_timm_outputs(
+    timm_name: str, name: str, attn_layer, block: str, reduction: int, options: dict
+) -> None:
+    """Where timm's widths are C // r, the options are a plain config-expressible block; the logits
+    equal timm's to float64 rounding."""
+    theirs = timm_resnet(timm_name, attn_layer() if callable(attn_layer) else attn_layer)
+    found = timm_block_options(theirs.state_dict())
+    stages = (True,) * 4
+    assert found == {"context": block, "reduction": reduction, "context_options": options, "stages": stages}
+    model = create_model(name, **found).double().eval()
     assert load_pretrained(model, theirs.state_dict(), "timm", strict=True).exact
-    for m in model.modules():
-        if isinstance(m, nn.LayerNorm):
-            m.eps = 1e-6
-    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        expected = theirs(x)
+        assert expected.abs().max() > 0.1
+        torch.testing.assert_close(model(x), expected, rtol=1e-10, atol=1e-10)
+
+
+def test_timm_layer_norm_eps_decides_whether_outputs_match(gca_resnet50) -> None:
+    """timm's LayerNorm2d eps is 1e-6: built with gcnet's 1e-5 every key fits, yet the logits
+    differ (1.3e-5 at most here, float64); a strict load now refuses that, and norm_eps=1e-6
+    computes timm's logits to 1e-10."""
+    sd = gca_resnet50.state_dict()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        expected = gca_resnet50(x)
+    default_eps = create_model("resnet50", context="gc", reduction=8, stages=(True,) * 4).double().eval()
+    clash = r"layer1\.0\.context\.add_transform\.1 \(LayerNorm eps: checkpoint 1e-06 \(timm\), model 1e-05\)"
+    with pytest.raises(ValueError, match=clash + ".*timm_block_options"):
+        load_pretrained(default_eps, sd, "timm", strict=True)
+    report = load_pretrained(default_eps, sd, "timm", strict=False)
+    assert not report.exact and report.missing == () and report.unexpected == ()
+    assert len(report.mismatched) == 16 and all("LayerNorm eps" in m for m in report.mismatched)
+    timm_eps = create_model("resnet50", **timm_block_options(sd)).double().eval()
+    assert load_pretrained(timm_eps, sd, "timm", strict=True).exact
+    with torch.no_grad():
+        assert (default_eps(x) - expected).abs().max() > 1e-6
+        torch.testing.assert_close(timm_eps(x), expected, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize(
+    "timm_name,attn_layer,gcnet_block,widths,reduced",
+    [
+        pytest.param("seresnet18", None, "se", (8, 8, 16, 32), (4, 8, 16, 32), id="seresnet18"),
+        pytest.param(
+            "resnet18",
+            lambda: timm_gc(fuse_add=True, fuse_scale=False, rd_ratio=1 / 3),
+            "gc",
+            (21, 43, 85, 171),
+            (21, 42, 85, 170),
+            id="gc-r3-resnet18",
+        ),
+    ],
+)
+def test_timm_rounded_widths_load_through_per_channel_blocks(
+    timm_name: str, attn_layer, gcnet_block: str, widths: tuple, reduced: tuple
+) -> None:
+    """timm rounds C * rd_ratio (SE to multiples of 8, GC to the nearest integer); no single r gives
+    C // r for every stage, so the options hold a constructor giving each C its checkpoint width."""
+    theirs = timm_resnet(timm_name, attn_layer() if callable(attn_layer) else attn_layer)
+    sd = theirs.state_dict()
+    r = 16 if gcnet_block == "se" else 3
+    plain = create_model("resnet18", context=gcnet_block, reduction=r, stages=(True,) * 4).double()
+    assert [plain.get_submodule(f"layer{i}.0.context").channels // r for i in range(1, 5)] == list(reduced)
+    with pytest.raises(ValueError, match=r"mismatched: .*timm_block_options"):
+        load_pretrained(plain, sd, "timm", strict=True)
+    found = timm_block_options(sd)
+    assert callable(found["context"]) and found["stages"] == (True,) * 4
+    model = create_model("resnet18", **found).double().eval()
+    assert [model.get_submodule(f"layer{i}.0.context").hidden_channels for i in range(1, 5)] == list(widths)
+    assert load_pretrained(model, sd, "timm", strict=True).exact
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs(x), rtol=1e-10, atol=1e-10)
 
@@ -246,6 +341,28 @@ def test_timm_seresnet50_converts_and_matches() -> None:
     x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), theirs(x), rtol=1e-10, atol=1e-10)
+
+
+def test_timm_block_options_refuses_what_gcnet_cannot_build() -> None:
+    with pytest.raises(ValueError, match=r"no timm attention blocks \(layerN\.i\.se\.\*\)"):
+        timm_block_options(timm_resnet("resnet18").state_dict())
+    with pytest.raises(ValueError, match=r"timm ByobNet \(stages\.N\.M\.\*, e\.g\. gcresnet50t"):
+        timm_block_options(timm_resnet("gcresnext26ts").state_dict())
+    eca = timm_resnet("resnet18", "eca").state_dict()  # ECA: a 1D conv over channels, not a GC instance
+    with pytest.raises(ValueError, match=r"layer1\.0\.se holds \['conv\.weight'\]; expected timm's Global"):
+        timm_block_options(eca)
+    sd = {k: v for k, v in timm_resnet("seresnet18").state_dict().items() if not k.startswith("layer2.1.se.")}
+    with pytest.raises(ValueError, match=r"layer2 has attention in \['layer2\.0'\] but not in \['layer2\.1"):
+        timm_block_options(sd)
+
+
+def test_timm_stages_without_blocks_are_off() -> None:
+    """Blocks in c3-c5 only (timm's `se` slot left empty in layer1) give stages (False, True, True, True)."""
+    theirs = timm_resnet("resnet50", "gca")
+    sd = {k: v for k, v in theirs.state_dict().items() if not k.startswith("layer1.") or ".se." not in k}
+    found = timm_block_options(sd)
+    assert found["stages"] == (False, True, True, True)
+    assert load_pretrained(create_model("resnet50", **found).double(), sd, "timm", strict=True).exact
 
 
 # --- files ------------------------------------------------------------------------------------

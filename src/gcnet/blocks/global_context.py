@@ -13,6 +13,7 @@ broadcasts it to every position (add, sigmoid scale, or both).
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -28,6 +29,17 @@ Fusion = Literal["add", "scale", "both"]
 POOLINGS: tuple[str, ...] = ("attention", "average")
 FUSIONS: tuple[str, ...] = ("add", "scale", "both")
 SPATIAL_RANKS = (3, 4, 5)
+# The bottleneck LayerNorm's eps: PyTorch's and the official GCNet / mmdetection code's (timm: 1e-6).
+NORM_EPS = 1e-5
+
+
+def check_norm_eps(value: object) -> float:
+    """Return `value` as a float if it is a finite number > 0, else raise naming `norm_eps`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"norm_eps must be a float, got {type(value).__name__} {value!r}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"norm_eps must be a finite number > 0 (e.g. 1e-5, or timm's 1e-6), got {value}")
+    return float(value)
 
 
 class ContextTransform(nn.Sequential):
@@ -41,22 +53,39 @@ class ContextTransform(nn.Sequential):
         reduction: bottleneck divisor r, or None for a single C -> C layer (the SNL's W_v).
         norm: LayerNorm after the first layer (GCNet's choice for easier optimisation).
         relu: ReLU after the first layer (and its norm).
+        hidden_channels: bottleneck width given directly, in place of C // r (timm rounds C / r).
+        norm_eps: eps of the LayerNorm (1e-5 as the official code; timm's is 1e-6).
     """
 
-    def __init__(self, channels: int, reduction: int | None, norm: bool, relu: bool) -> None:
+    def __init__(
+        self,
+        channels: int,
+        reduction: int | None,
+        norm: bool,
+        relu: bool,
+        *,
+        hidden_channels: int | None = None,
+        norm_eps: float = NORM_EPS,
+    ) -> None:
         check_positive_int("channels", channels)
+        norm_eps = check_norm_eps(norm_eps)
         if reduction is None:
-            if norm or relu:
+            if norm or relu or hidden_channels is not None:
                 raise ValueError(
-                    "norm and relu belong to the bottleneck; with reduction=None (one C -> C layer) "
-                    f"pass norm=False and relu=False, got norm={norm}, relu={relu}"
+                    "norm, relu and hidden_channels belong to the bottleneck; with reduction=None "
+                    "(one C -> C layer) pass norm=False, relu=False and hidden_channels=None, "
+                    f"got norm={norm}, relu={relu}, hidden_channels={hidden_channels}"
                 )
             super().__init__(nn.Linear(channels, channels))
             return
-        hidden = reduced_channels(channels, reduction)
+        if hidden_channels is None:
+            hidden = reduced_channels(channels, reduction)
+        else:
+            check_positive_int("reduction", reduction)
+            hidden = check_positive_int("hidden_channels", hidden_channels)
         layers: list[nn.Module] = [nn.Linear(channels, hidden)]
         if norm:
-            layers.append(nn.LayerNorm(hidden))
+            layers.append(nn.LayerNorm(hidden, eps=norm_eps))
         if relu:
             layers.append(nn.ReLU(inplace=True))
         layers.append(nn.Linear(hidden, channels))
@@ -84,6 +113,9 @@ class GlobalContext(nn.Module):
             (scale, then add; each with its own transform).
         norm: LayerNorm inside the bottleneck.
         relu: ReLU inside the bottleneck.
+        hidden_channels: bottleneck width given directly, overriding C // r; loads checkpoints whose
+            widths were rounded another way (timm: round(C / r), SE to multiples of 8).
+        norm_eps: eps of the bottleneck LayerNorm; 1e-5 (official GCNet code), timm uses 1e-6.
 
     Shape:
         input and output (B, C, *positions) with 1, 2 or 3 position dims: (B, C, L),
@@ -98,19 +130,26 @@ class GlobalContext(nn.Module):
         fusion: Fusion = "add",
         norm: bool = True,
         relu: bool = True,
+        *,
+        hidden_channels: int | None = None,
+        norm_eps: float = NORM_EPS,
     ) -> None:
         super().__init__()
         self.channels = check_positive_int("channels", channels)
         self.reduction = reduction
+        self.hidden_channels = hidden_channels
+        self.norm_eps = check_norm_eps(norm_eps)
         self.pooling = check_choice("pooling", pooling, POOLINGS)
         self.fusion = check_choice("fusion", fusion, FUSIONS)
         self.key = nn.Linear(channels, 1) if pooling == "attention" else None
-        self.scale_transform = (
-            ContextTransform(channels, reduction, norm, relu) if fusion in ("scale", "both") else None
-        )
-        self.add_transform = (
-            ContextTransform(channels, reduction, norm, relu) if fusion in ("add", "both") else None
-        )
+
+        def transform() -> ContextTransform:
+            return ContextTransform(
+                channels, reduction, norm, relu, hidden_channels=hidden_channels, norm_eps=norm_eps
+            )
+
+        self.scale_transform = transform() if fusion in ("scale", "both") else None
+        self.add_transform = transform() if fusion in ("add", "both") else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -163,8 +202,14 @@ class GlobalContext(nn.Module):
         gate = torch.sigmoid(self.scale_transform(context)).view(broadcast)
         return x * gate if add is None else torch.addcmul(add, x, gate)
 
-    def extra_repr(self) -> str:
-        return (
-            f"channels={self.channels}, reduction={self.reduction}, pooling={self.pooling!r}, "
-            f"fusion={self.fusion!r}"
+    def _width_repr(self) -> str:
+        """`reduction=r`, or `hidden_channels=h` where that overrides it; `norm_eps` where not 1e-5."""
+        width = (
+            f"reduction={self.reduction}"
+            if self.hidden_channels is None
+            else f"hidden_channels={self.hidden_channels}"
         )
+        return width + ("" if self.norm_eps == NORM_EPS else f", norm_eps={self.norm_eps:g}")
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}, {self._width_repr()}, pooling={self.pooling!r}, fusion={self.fusion!r}"

@@ -16,13 +16,23 @@ class SqueezeExcite(GlobalContext):
     Args:
         channels: channels C of input and output.
         reduction: bottleneck divisor r (SENet uses 16).
+        hidden_channels: bottleneck width given directly, overriding C // r (timm's SEModule rounds
+            C / r to a multiple of 8, e.g. 8 rather than 4 for C = 64).
 
     Shape:
         input and output (B, C, *positions) with 1, 2 or 3 position dims.
     """
 
-    def __init__(self, channels: int, reduction: int = 16) -> None:
-        super().__init__(channels, reduction=reduction, pooling="average", fusion="scale", norm=False, relu=True)
+    def __init__(self, channels: int, reduction: int = 16, *, hidden_channels: int | None = None) -> None:
+        super().__init__(
+            channels,
+            reduction=reduction,
+            pooling="average",
+            fusion="scale",
+            norm=False,
+            relu=True,
+            hidden_channels=hidden_channels,
+        )
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, reduction={self.reduction}"
+        return f"channels={self.channels}, {self._width_repr()}"

@@ -11,6 +11,7 @@ from gcnet.models.convert import (
     load_pretrained,
     load_state_dict_file,
     save_state_dict_file,
+    timm_block_options,
 )
 from gcnet.models.insert import insert_context_blocks
 from gcnet.models.registry import ModelEntry, create_model, get_model_entry, list_models, register_model
@@ -40,4 +41,5 @@ __all__ = [
     "load_state_dict_file",
     "register_model",
     "save_state_dict_file",
+    "timm_block_options",
 ]

@@ -13,6 +13,16 @@ Key layouts (all for a GC block at the end of residual block i of stage N):
 become (C/r,). Given a video `model`, 2D conv kernels (O, I, k, k) are inflated to its (O, I, kt,
 k, k) by repeating over time and dividing by kt, so a static clip gives the 2D response.
 
+timm's blocks differ from gcnet's defaults in two ways a state dict's keys do not show:
+GlobalContext's LayerNorm2d uses eps 1e-6 (gcnet and the official code 1e-5), and timm's widths
+are make_divisible(C * rd_ratio, rd_divisor, round_limit=0) = max(d, int(C * rd_ratio + d / 2) // d * d),
+i.e. round(C / r) for GlobalContext (d = 1) and the nearest multiple of 8 for SEModule (d = 8),
+where gcnet takes C // r. `timm_block_options` reads both from a checkpoint, and a strict
+`load_pretrained(..., source="timm")` refuses a model whose LayerNorm eps would change the outputs.
+This covers timm's `ResNet` family (`resnet.py`: `seresnet*`, `seresnext*` and any ResNet built
+with `block_args=dict(attn_layer="gc" | "gca" | "se")`) with its 7x7 stem and plain downsample;
+byobnet's `gcresnet*` / `gcresnext*` (`stages.N.M.attn.*`) are another architecture and do not load.
+
 Files load with `torch.load(weights_only=True)` or safetensors (never unpickling arbitrary code)
 and save as safetensors.
 """
@@ -22,12 +32,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Literal, Union
+from typing import Any, Literal, Union
 
 import torch
 from torch import Tensor, nn
+
+from gcnet.blocks import CONTEXT_BLOCKS
 
 Source = Literal["torchvision", "mmdet", "timm", "gcnet"]
 SOURCES: tuple[str, ...] = ("torchvision", "mmdet", "timm", "gcnet")
@@ -43,6 +55,10 @@ _MMDET_TRANSFORM = {"channel_add_conv": "add_transform", "channel_mul_conv": "sc
 _TIMM_ATTN = re.compile(r"^(?P<block>layer\d+\.\d+)\.se\.(?P<rest>.+)$")
 _TIMM_MLP = {"mlp_add": "add_transform", "mlp_scale": "scale_transform"}
 _MLP_NAMES = tuple(_TIMM_MLP)
+_RESIDUAL_BLOCK = re.compile(r"^layer(?P<stage>\d+)\.(?P<index>\d+)\.")
+# timm's LayerNorm2d (in GlobalContext's ConvMlp) eps; gcnet's GlobalContext takes it as norm_eps.
+TIMM_NORM_EPS = 1e-6
+_TIMM_SE_KEYS = frozenset({"fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"})
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, object]) -> StateDict:
@@ -130,6 +146,134 @@ def _from_timm(state: StateDict) -> StateDict:
     return out
 
 
+def _timm_block(block: str, params: Mapping[str, Tensor]) -> tuple[str, dict[str, Any], int, int]:
+    """(gcnet block name, its options, C, bottleneck width) of one timm attention module."""
+    names = set(params)
+    if names == _TIMM_SE_KEYS:  # SEModule: fc1 (C/r, C, 1, 1), ReLU, fc2, sigmoid
+        hidden, channels = params["fc1.weight"].shape[:2]
+        return "se", {}, channels, hidden
+    mlps = [m for m in _MLP_NAMES if f"{m}.fc1.weight" in params]
+    expected = {
+        f"{m}.{layer}.{p}" for m in mlps for layer in ("fc1", "norm", "fc2") for p in ("weight", "bias")
+    }
+    if "conv_attn.weight" in params:
+        expected |= {"conv_attn.weight", "conv_attn.bias"}
+    widths = {params[f"{m}.fc1.weight"].shape[:2] for m in mlps}
+    if not mlps or names != expected or len(widths) != 1:
+        raise ValueError(
+            f"{block}.se holds {sorted(names)}; expected timm's GlobalContext ([conv_attn,] mlp_add "
+            "and/or mlp_scale, each fc1, norm, fc2, one width) or SEModule (fc1, fc2 with biases, no norm)"
+        )
+    hidden, channels = widths.pop()
+    fusion = "both" if len(mlps) == 2 else _TIMM_MLP[mlps[0]].removesuffix("_transform")
+    pooling = "attention" if "conv_attn.weight" in params else "average"
+    return "gc", {"pooling": pooling, "fusion": fusion, "norm_eps": TIMM_NORM_EPS}, channels, hidden
+
+
+def _common_reduction(widths: Mapping[int, int]) -> int | None:
+    """The largest r with C // r == width for every (C, width), or None when no single r fits."""
+    low = max(channels // (hidden + 1) + 1 for channels, hidden in widths.items())
+    high = min(channels // hidden for channels, hidden in widths.items())
+    return high if low <= high else None
+
+
+def _blocks_by_channels(
+    block: type[nn.Module], widths: Mapping[int, int], options: Mapping[str, Any]
+) -> Callable[[int], nn.Module]:
+    """Constructor (channels -> block) giving each C its checkpoint width as `hidden_channels`."""
+    widths, options = dict(widths), dict(options)
+
+    def build(channels: int) -> nn.Module:
+        if channels not in widths:
+            raise ValueError(
+                f"the timm checkpoint has blocks for channels {sorted(widths)}, none for {channels}"
+            )
+        return block(channels, hidden_channels=widths[channels], **options)
+
+    return build
+
+
+def timm_block_options(checkpoint: Mapping[str, object]) -> dict[str, Any]:
+    """Builder options (`context`, `stages`, ...) of the gcnet ResNet a timm ResNet checkpoint loads into.
+
+    Use as `create_model("resnet50", **timm_block_options(sd))`, then `load_pretrained(model, sd,
+    "timm")`. Reads timm's attention slot `layerN.i.se.*`: GlobalContext (conv_attn, mlp_add /
+    mlp_scale) becomes "gc" with `norm_eps=1e-6`, SEModule (fc1, fc2) becomes "se" (timm's defaults
+    ReLU and sigmoid assumed: a state dict does not record activations). Widths come from the
+    tensor shapes: when one r gives every stage's width as C // r the options say `reduction=r`;
+    otherwise (timm's rounding, e.g. SE width 8 for C = 64) `context` is a constructor giving each
+    C its checkpoint width as `hidden_channels`, and such a model is not expressible in a config.
+    """
+    state = unwrap_state_dict(checkpoint)
+    attention: dict[str, dict[str, Tensor]] = {}
+    residual: dict[int, set[str]] = {}
+    for key, value in state.items():
+        match = _TIMM_ATTN.match(key)
+        if match is not None:
+            attention.setdefault(match["block"], {})[match["rest"]] = value
+        in_block = _RESIDUAL_BLOCK.match(key)
+        if in_block is not None:
+            residual.setdefault(int(in_block["stage"]), set()).add(in_block[0][:-1])  # "layerN.i"
+    if not attention:
+        if any(k.startswith("stages.") for k in state):
+            raise ValueError(
+                "the checkpoint is a timm ByobNet (stages.N.M.*, e.g. gcresnet50t, gcresnext26ts): "
+                "another architecture (tiered stem, block after the 3x3 conv); gcnet loads timm's "
+                "ResNet family (layerN.i.se.*) only"
+            )
+        raise ValueError(
+            "no timm attention blocks (layerN.i.se.*) in the checkpoint; a plain ResNet needs no "
+            "block options"
+        )
+    kinds: dict[tuple[str, tuple[tuple[str, Any], ...]], list[str]] = {}
+    widths: dict[int, int] = {}
+    for block, params in sorted(attention.items()):
+        kind, options, channels, hidden = _timm_block(block, params)
+        kinds.setdefault((kind, tuple(sorted(options.items()))), []).append(block)
+        if widths.setdefault(channels, hidden) != hidden:
+            raise ValueError(
+                f"{block}.se has width {hidden} for C={channels} where another block has "
+                f"{widths[channels]}; gcnet gives every block of C channels one width"
+            )
+    if len(kinds) != 1:
+        found = {f"{kind} {dict(options)}": blocks[0] for (kind, options), blocks in kinds.items()}
+        raise ValueError(f"the checkpoint mixes attention blocks (first of each: {found}); expected one kind")
+    ((kind, options),) = kinds
+    stages = []
+    for stage in range(1, max(residual) + 1):
+        blocks = residual.get(stage, set())
+        with_block = blocks & set(attention)
+        if with_block and with_block != blocks:
+            raise ValueError(
+                f"stage layer{stage} has attention in {sorted(with_block)} but not in "
+                f"{sorted(blocks - with_block)}; gcnet puts a block in every residual block of a stage"
+            )
+        stages.append(bool(with_block))
+    reduction = _common_reduction(widths)
+    if reduction is None:
+        context = _blocks_by_channels(CONTEXT_BLOCKS[kind], widths, dict(options))
+        return {"context": context, "stages": tuple(stages)}
+    return {"context": kind, "reduction": reduction, "context_options": dict(options), "stages": tuple(stages)}
+
+
+def _timm_norm_eps_clashes(state: StateDict, model: nn.Module) -> list[str]:
+    """LayerNorms of `model` that receive timm's (eps 1e-6) weights but use another eps."""
+    clashes = []
+    for key in state:
+        match = _TIMM_ATTN.match(key)
+        parts = match["rest"].split(".") if match else []
+        if parts[1:] != ["norm", "weight"] or parts[0] not in _TIMM_MLP:
+            continue
+        name = f"{match['block']}.context.{_TIMM_MLP[parts[0]]}.1"
+        try:
+            norm = model.get_submodule(name)
+        except AttributeError:  # no such block: reported as unexpected keys
+            continue
+        if isinstance(norm, nn.LayerNorm) and norm.eps != TIMM_NORM_EPS:
+            clashes.append(f"{name} (LayerNorm eps: checkpoint {TIMM_NORM_EPS:g} (timm), model {norm.eps:g})")
+    return clashes
+
+
 def _fit_to_model(state: StateDict, model: nn.Module) -> StateDict:
     """Inflate 2D conv kernels where `model` holds 3D ones of the same (O, I, k, k)."""
     target = model.state_dict()
@@ -152,6 +296,7 @@ def convert_state_dict(
     The mmdet layout may carry a `backbone.` prefix (a detector checkpoint); then only backbone
     keys are kept. Given a video `model`, 2D conv kernels are inflated to its temporal sizes.
     Keys are not checked here; `load_pretrained` reports missing and unexpected ones by name.
+    A timm checkpoint needs a model built with its widths and LayerNorm eps: `timm_block_options`.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {list(SOURCES)}")
@@ -167,7 +312,10 @@ def convert_state_dict(
 
 @dataclasses.dataclass(frozen=True)
 class LoadReport:
-    """What loading left out: model keys without a value, checkpoint keys without a place, shape clashes."""
+    """What loading left out: model keys without a value, checkpoint keys without a place, shape clashes.
+
+    `mismatched` also names LayerNorms whose eps differs from a timm checkpoint's (their weights load).
+    """
 
     missing: tuple[str, ...]
     unexpected: tuple[str, ...]
@@ -225,7 +373,8 @@ def load_pretrained(
     With `strict`, any missing, unexpected or shape-mismatched key raises ValueError naming them
     all, and nothing is loaded. Otherwise every key that matches in name and shape is loaded and
     the report lists the rest (e.g. the new block keys when loading torchvision weights into
-    `resnet50_gc_r16`, or fc when the number of classes differs).
+    `resnet50_gc_r16`, or fc when the number of classes differs). From timm, a LayerNorm eps other
+    than timm's 1e-6 counts as mismatched: the keys fit but the outputs would not be timm's.
     """
     raw = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state = convert_state_dict(raw, source, model)
@@ -237,9 +386,14 @@ def load_pretrained(
         for k, v in state.items()
         if k in target and v.shape != target[k].shape
     )
+    if source == "timm":
+        mismatched += tuple(_timm_norm_eps_clashes(unwrap_state_dict(raw), model))
     report = LoadReport(missing, unexpected, mismatched)
     if strict and not report.exact:
-        raise ValueError(f"checkpoint from {source!r} does not fit {type(model).__name__}: {report}")
+        hint = ""
+        if source == "timm" and any(".context." in k for k in report.mismatched):
+            hint = "; build the model with gcnet.models.convert.timm_block_options(checkpoint)"
+        raise ValueError(f"checkpoint from {source!r} does not fit {type(model).__name__}: {report}{hint}")
     clash = {m.split(" ")[0] for m in mismatched}
     model.load_state_dict({k: v for k, v in state.items() if k in target and k not in clash}, strict=False)
     return report
