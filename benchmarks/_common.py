@@ -87,15 +87,12 @@ def write_json(path: str, environment: dict[str, str], **payload: object) -> Non
 
 def environment() -> dict[str, str]:
     """Machine and versions, for the header of a result."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    except OSError:
-        pass
+    from gcnet._machine import cpu_caches, cpu_isa, cpu_model
+
     info = {
-        "cpu": f"{cpu} ({os.cpu_count()} logical cores)",
+        "cpu": f"{cpu_model()} ({os.cpu_count()} logical cores)",
+        "isa": cpu_isa(),
+        "caches": cpu_caches(),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),

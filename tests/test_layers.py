@@ -9,7 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "src" / "gcnet"
 
 # Lowest first; a module may import its own part and parts of lower layers only.
 LAYERS: list[set[str]] = [
-    {"gcnet._checks", "gcnet._C"},  # _C: the compiled CPU kernels
+    {"gcnet._checks", "gcnet._C", "gcnet._machine"},  # _C: the compiled CPU kernels
     {"gcnet.blocks"},
     {"gcnet.models", "gcnet.data"},
     {"gcnet"},  # the package's __init__: blocks and models

@@ -17,7 +17,6 @@ import argparse
 import json
 import math
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -25,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gcnet._machine import cpu_isa, cpu_model
 from gcnet.config import data_root
 from gcnet.engine.checkpoint import atomic_write, has_checkpoint
 
@@ -90,23 +90,13 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
         "macs": count_flops(trained.model, torch.randn(1, 3, size, size)),
         "train_images_per_s": statistics.mean(float(r["images_per_s"]) for r in rows),
         "hours": sum(float(r["epoch_time_s"]) for r in rows) / 3600, "threads": trained.config.train.threads,
-        "machine": platform.processor() or platform.machine(), "cpu": _cpu_model(),
+        "cpu": cpu_model(), "isa": cpu_isa(),
         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M"),
     }
     results.mkdir(parents=True, exist_ok=True)
     path = results / f"{run_name(variant, seed)}.json"
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return path
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[int], epochs: int,

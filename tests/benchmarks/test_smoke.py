@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from benchmarks import _common, blocks, models
 
@@ -72,3 +73,11 @@ def test_eviction_buffer_outgrows_the_last_level_cache() -> None:
     assert mib >= 64
     if llc is not None:
         assert mib * 2**20 >= 2 * llc
+
+
+def test_the_header_names_the_machine() -> None:
+    info = _common.environment()
+    assert info["isa"] == torch.backends.cpu.get_cpu_capability() and info["isa"]
+    if platform.system() == "Linux":
+        assert "L1d" in info["caches"] or info["caches"] == "unknown"
+    assert "logical cores" in info["cpu"]
