@@ -9,6 +9,7 @@ the datasets and loaders, the optimizer and the schedule, and the task that the 
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -274,9 +275,12 @@ def build_detection_data(config: Config) -> tuple[Any, Any, Any]:
 
 # -- runs ----------------------------------------------------------------------------------------
 def _given_model(model: ModelArg, config: Config) -> nn.Module | None:
-    if model is None or isinstance(model, nn.Module):
-        return model
-    return model(config)
+    """A ready model or one built by the caller's function, with `model.weights` loaded; None without one."""
+    if model is None:
+        return None
+    net = model if isinstance(model, nn.Module) else model(config)
+    load_weights(net, config)
+    return net
 
 
 def build_task(config: Config, context: distributed.DistContext, model: ModelArg = None) -> Task:
@@ -340,18 +344,7 @@ def train(config: Config, resume: bool = False, model: ModelArg = None, overwrit
     `model`: a ready module, or a function of the config building one, instead of the config's
     `model.name` (custom networks, tests); `model.weights` still loads into it.
     """
-    given = model
-    if isinstance(given, nn.Module):
-        load_weights(given, config)
-    elif callable(given):
-        factory = given
-        given = lambda c: _loaded(factory(c), c)  # noqa: E731
-    return run_loop(config, lambda context: build_run(config, context, given), resume, overwrite)
-
-
-def _loaded(model: nn.Module, config: Config) -> nn.Module:
-    load_weights(model, config)
-    return model
+    return run_loop(config, lambda context: build_run(config, context, model), resume, overwrite)
 
 
 # -- trained checkpoints ---------------------------------------------------------------------------
@@ -363,11 +356,15 @@ class Trained:
     config: Config
     checkpoint: Checkpoint
 
+    def eval_dataset(self, source: str, annotations: str | None = None, max_images: int | None = None) -> Dataset:
+        """`build_eval_dataset` of `source` with this run's settings, labelled by its training classes."""
+        return build_eval_dataset(self.config, source, annotations, max_images, self.checkpoint.state.get("classes"))
+
 
 def load_trained(checkpoint: str | Path, overrides: Sequence[str] = (), model: nn.Module | None = None) -> Trained:
     """Rebuild the model a gcnet checkpoint was trained with (its config, `--set` overrides) and load it."""
     ckpt = load_checkpoint(checkpoint)
-    data = apply_overrides(ckpt.state["config"], list(overrides))
+    data = apply_overrides(copy.deepcopy(ckpt.state["config"]), list(overrides))
     data.setdefault("model", {})["weights"] = None  # the checkpoint holds the weights
     data["model"].pop("weights_source", None)
     config = config_from_dict(data)
@@ -398,7 +395,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, overrides: Sequence[s
     context = distributed.setup(config.train.device)
     try:
         net = trained.model.to(context.device)
-        dataset = build_eval_dataset(config, data, annotations, max_images, ckpt.state.get("classes"))
+        dataset = trained.eval_dataset(data, annotations, max_images)
         if config.task == "detection":
             from gcnet.detection.task import DetectionTask
 

@@ -50,14 +50,14 @@ def run_eval(args: argparse.Namespace) -> int:
 def run_analyze(args: argparse.Namespace) -> int:
     """`gcnet analyze CHECKPOINT --data DIR --out REPORT`: attention maps and query-independence statistics."""
     from gcnet.analysis.report import analyze, batches_of
-    from gcnet.builder import build_eval_dataset, load_trained
+    from gcnet.builder import load_trained
 
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
     trained = load_trained(args.checkpoint)
     if trained.config.task == "detection":
         raise ValueError("analyze takes classification checkpoints (image or video); this one is detection")
-    dataset = build_eval_dataset(trained.config, args.data, classes=trained.checkpoint.state.get("classes"))
+    dataset = trained.eval_dataset(args.data)
     summary = analyze(trained.model, batches_of(dataset, args.batch_size), args.out, args.batches)
     print(json.dumps(summary, indent=2))
     print(f"report: {args.out}/report.md")

@@ -283,7 +283,7 @@ def convert_checkpoint(checkpoint: str | Path, data: str, out: str | Path, calib
     the accuracy change is the conversion's alone. Writes OUT/converted.safetensors and
     OUT/report.json (per block FitReport, top-1 before and after, MACs per input); returns the report.
     """
-    from gcnet.builder import build_eval_dataset, load_trained
+    from gcnet.builder import load_trained
     from gcnet.engine import distributed
     from gcnet.engine.evaluate import evaluate, make_eval_loader
     from gcnet.engine.metrics import count_flops
@@ -294,14 +294,12 @@ def convert_checkpoint(checkpoint: str | Path, data: str, out: str | Path, calib
     trained = load_trained(checkpoint)
     if trained.config.task == "detection":
         raise ValueError("convert-nl takes classification checkpoints (image or video); this one is detection")
-    classes = trained.checkpoint.state.get("classes")
     source = calibration or trained.config.data.train
-    inputs = list(itertools.islice(batches_of(build_eval_dataset(trained.config, source, classes=classes), batch_size),
-                                   batches))
+    inputs = list(itertools.islice(batches_of(trained.eval_dataset(source), batch_size), batches))
     if not inputs:
         raise ValueError(f"{source}: no readable inputs to calibrate on")
     converted, reports = convert_model(trained.model, inputs, steps)
-    dataset = build_eval_dataset(trained.config, data, classes=classes)
+    dataset = trained.eval_dataset(data)
     context = distributed.setup("cpu")
     try:
         settings = trained.config.data
