@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from gcnet.cli import main
 from gcnet.config import (
@@ -136,3 +137,19 @@ def test_unreadable_files_are_named(tmp_path: Path) -> None:
 def test_shipped_configs_load_by_name_and_by_path(name: str) -> None:
     assert isinstance(load_config(name), Config)
     assert load_config(BUNDLED_CONFIGS / f"{name}.yaml") == load_config(name)
+
+
+def test_video_layout_reaches_the_model_and_is_refused_where_it_does_not_apply() -> None:
+    from gcnet.builder import build_model
+
+    config = config_from_dict({**BASE["video"], "model": {"name": "c2d_resnet50", "layout": "paper",
+                                                          "stem_pool_padding": 0, "num_classes": 3}})
+    with torch.device("meta"):
+        model = build_model(config)
+    assert model.layout == "paper" and model.maxpool.padding == (0, 0, 0) and model.conv1.stride[0] == 2
+    with pytest.raises(ConfigError, match=r"'model.layout': model 'slowonly_resnet50' has no such option"):
+        config_from_dict({**BASE["video"], "model": {"name": "slowonly_resnet50", "layout": "8x8"}})
+    with pytest.raises(ConfigError, match=r"'model.layout' applies to task video, not 'image'"):
+        config_from_dict({**BASE["image"], "model": {"name": "cifar_resnet20", "layout": "8x8"}})
+    with pytest.raises(ConfigError, match=r"'model.stem_pool_padding': expected 0, 1 or null, got 2"):
+        config_from_dict({**BASE["video"], "model": {"name": "c2d_resnet50", "stem_pool_padding": 2}})

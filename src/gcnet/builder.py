@@ -62,6 +62,9 @@ def model_options(model: ModelConfig) -> dict[str, Any]:
     if between.given():
         preset = get_model_entry(model.name).defaults.get("nonlocal_options") or {}
         options["nonlocal_options"] = {**preset, **between.given()}
+    for key in ("layout", "stem_pool_padding"):
+        if getattr(model, key) is not None:
+            options[key] = getattr(model, key)
     return options
 
 

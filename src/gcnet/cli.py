@@ -81,7 +81,7 @@ def run_info(args: argparse.Namespace) -> int:
         print("\n".join(list_models()))
         return 0
     options = dict(parse_option(o) for o in args.options)
-    shape = parse_shape(args.input_shape) if args.input_shape else default_input_shape(args.name)
+    shape = parse_shape(args.input_shape) if args.input_shape else default_input_shape(args.name, **options)
     print(complexity_of(args.name, shape, **options).table())
     return 0
 

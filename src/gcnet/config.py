@@ -157,6 +157,8 @@ class ModelConfig:
         channels_last: NHWC (NDHWC for video) memory format.
         compile: wrap the model in `torch.compile`.
         sync_batchnorm: BatchNorm statistics over the global batch under torchrun.
+        layout, stem_pool_padding: a C2D / I3D net's temporal layout ("8x8", "paper", "mmaction2")
+            and its pool1 padding (0 as the released Caffe2 code); null keeps the model's own.
         detector: the detection heads (task detection only).
     """
 
@@ -169,6 +171,8 @@ class ModelConfig:
     channels_last: bool = False
     compile: bool = False
     sync_batchnorm: bool = False
+    layout: Literal["paper", "8x8", "mmaction2"] | None = field(default=None, metadata=VIDEO)
+    stem_pool_padding: int | None = field(default=None, metadata=VIDEO)
     detector: DetectorConfig = field(default_factory=DetectorConfig, metadata=DETECTION)
 
 
@@ -614,6 +618,14 @@ def _check_model(config: Config) -> None:
                               "'model.nonlocal_blocks.indices' (e.g. [[], [1], [1]])")
     else:
         _check_block_options("model.nonlocal_blocks", m.nonlocal_blocks.block or "nl", m.nonlocal_blocks)
+    from gcnet.models.registry import accepted_options
+
+    for key in ("layout", "stem_pool_padding"):
+        if getattr(m, key) is not None and key not in accepted_options(get_model_entry(m.name).builder):
+            raise ConfigError(f"config key 'model.{key}': model {m.name!r} has no such option "
+                              f"(C2D / I3D models take it)")
+    if m.stem_pool_padding not in (None, 0, 1):
+        raise ConfigError(f"config key 'model.stem_pool_padding': expected 0, 1 or null, got {m.stem_pool_padding!r}")
     if m.weights_source != "torchvision" and m.weights is None:
         raise ConfigError(f"config key 'model.weights_source' is {m.weights_source!r} but 'model.weights' is null")
     minimum = 2 if config.task == "detection" else 1

@@ -144,3 +144,74 @@ def test_video_feature_maps_and_errors() -> None:
         create_model("c2d_resnet50", inflate="3x3x3")
     with pytest.raises(TypeError, match="unknown options"):
         create_model("c2d_resnet50", temporal_kernels=((3, 1),))
+
+
+def test_paper_layout_gives_table_1_temporal_sizes() -> None:
+    """NL paper Table 1 (C2D ResNet-50, 32 x 224 x 224 clips): conv1 16, pool1 8, res2 8, pool2 and
+    res3-res5 4 frames; the 8x8 layout halves time once; Slow-only keeps all 8 frames."""
+    paper = create_model("c2d_resnet50", layout="paper", num_classes=0).eval()
+    sizes = {}
+    hooks = [getattr(paper, n).register_forward_hook(lambda m, i, o, n=n: sizes.__setitem__(n, o.shape[2]))
+             for n in ("conv1", "maxpool", "layer1", "temporal_pool", "layer2", "layer3", "layer4")]
+    with torch.no_grad():
+        paper(torch.randn(1, 3, 32, 32, 32))
+    for hook in hooks:
+        hook.remove()
+    assert sizes == {"conv1": 16, "maxpool": 8, "layer1": 8, "temporal_pool": 4, "layer2": 4, "layer3": 4, "layer4": 4}
+    assert paper.frames_per_stage(32) == {"conv1": 16, "pool1": 8, "c2": 8, "c3": 4, "c4": 4, "c5": 4}
+    with torch.device("meta"):
+        released = create_model("i3d_resnet50")
+        mmaction2 = create_model("i3d_resnet50", layout="mmaction2")
+        slow = create_model("slowonly_resnet50")
+    assert released.frames_per_stage(8) == {"conv1": 8, "pool1": 8, "c2": 8, "c3": 4, "c4": 4, "c5": 4}
+    assert mmaction2.frames_per_stage(32) == paper.frames_per_stage(32)
+    assert slow.frames_per_stage(8) == dict.fromkeys(("conv1", "pool1", "c2", "c3", "c4", "c5"), 8)
+    assert (paper.min_frames, released.min_frames, slow.min_frames) == (7, 2, 1)
+    assert "Table 1" in paper.describe(32) and "res3-res5 4" in paper.describe(32)
+    with pytest.raises(ValueError, match="layout 'paper'.*T >= 7"):
+        paper(torch.randn(1, 3, 6, 32, 32))
+    with pytest.raises(ValueError, match="layout 'slow' is Slow-only's own"):
+        create_model("c2d_resnet50", layout="slow")
+
+
+def test_slowonly_follows_slowfast_and_gc_goes_into_res3_to_res5() -> None:
+    """SlowFast Table 1, Slow pathway: conv1 1x7x7, pool1 1x3x3, temporal kernel 3 in the first
+    1x1 of every res4 / res5 block only; GCNet adds GC r16 to every block of res3-res5."""
+    with torch.device("meta"):
+        slow = create_model("slowonly_resnet50")
+        gc = create_model("slowonly_resnet50_gc")
+        nl5 = create_model("slowonly_resnet50_nl5")
+    assert slow.conv1.kernel_size == (1, 7, 7) and slow.maxpool.kernel_size == (1, 3, 3)
+    kernels = [[b.conv1.kernel_size[0] for b in getattr(slow, f"layer{i}")] for i in range(1, 5)]
+    assert kernels == [[1, 1, 1], [1, 1, 1, 1], [3] * 6, [3] * 3]
+    assert all(b.conv2.kernel_size == (1, 3, 3) for i in range(1, 5) for b in getattr(slow, f"layer{i}"))
+    assert [sum(b.context is not None for b in getattr(gc, f"layer{i}")) for i in range(1, 5)] == [0, 4, 6, 3]
+    assert gc.layer2[0].context.reduction == 16 and gc.layer2[0].context.channels == 512
+    assert [list(getattr(nl5, f"layer{i}").nonlocal_blocks) for i in range(1, 5)] == [[], ["1", "3"], ["1", "3", "5"], []]
+    with pytest.raises(TypeError, match="unknown options \\['layout'\\]"):
+        create_model("slowonly_resnet50", layout="8x8")
+
+
+def gc_parameters(channels: int, reduction: int = 16) -> int:
+    """GC block weights from the paper: W_k (C -> 1, bias), W_v1 (C -> C/r), LayerNorm, W_v2 (C/r -> C)."""
+    hidden = channels // reduction
+    return (channels + 1) + (channels * hidden + hidden) + 2 * hidden + (hidden * channels + channels)
+
+
+def test_slowonly_parameter_counts_printed_by_info(capsys) -> None:
+    """`gcnet info` prints the Slow-only parameter counts, checked against counts derived from
+    torchvision's ResNet-50: a 400-class fc, and res4 / res5's first 1x1 convs made 3x1x1 (the
+    32.45M that pytorchvideo publishes for Slow R50 8x8), plus 13 GC r16 blocks for the GC model."""
+    import torchvision
+
+    from gcnet.cli import main
+
+    resnet50 = sum(p.numel() for p in torchvision.models.resnet50().parameters())
+    temporal = 2 * (512 * 256 + 5 * 1024 * 256 + 1024 * 512 + 2 * 2048 * 512)  # res4, res5 conv1 x 3
+    slow = resnet50 - (2048 * 1000 + 1000) + (2048 * 400 + 400) + temporal
+    gc = slow + 4 * gc_parameters(512) + 6 * gc_parameters(1024) + 3 * gc_parameters(2048)
+    assert round(slow / 1e6, 2) == 32.45
+    for name, expected in (("slowonly_resnet50", slow), ("slowonly_resnet50_gc", gc)):
+        assert main(["info", name]) == 0
+        total = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("total"))
+        assert total.split()[4] == f"{expected / 1e6:.3f}", (name, total)

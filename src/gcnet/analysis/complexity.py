@@ -58,6 +58,7 @@ class Complexity:
     params: int
     flops: int
     stages: tuple[StageComplexity, ...]
+    notes: tuple[str, ...] = ()
 
     @property
     def macs(self) -> int:
@@ -67,7 +68,7 @@ class Complexity:
     def table(self) -> str:
         """A plain-text table: per stage blocks, parameters (M) and multiply-adds (G)."""
         header = f"{'stage':<8} {'res':>4} {'ctx':>4} {'nl':>4} {'params (M)':>11} {'GMACs':>9} {'GFLOPs':>9}"
-        lines = [f"{self.model}  input {tuple(self.input_shape)}", header, "-" * len(header)]
+        lines = [f"{self.model}  input {tuple(self.input_shape)}", *self.notes, header, "-" * len(header)]
         for s in self.stages:
             lines.append(
                 f"{s.name:<8} {s.residual_blocks:>4} {s.context_blocks:>4} {s.nonlocal_blocks:>4} "
@@ -172,20 +173,24 @@ def model_complexity(model: nn.Module, input: Tensor | Sequence[int], name: str 
     )
 
 
-def default_input_shape(name: str) -> tuple[int, ...]:
-    """The usual input of a registered model: 32 x 32 for CIFAR, 8 x 224 x 224 clips for video, else 224."""
+def default_input_shape(name: str, **options: Any) -> tuple[int, ...]:
+    """The usual input of a registered model: 32 x 32 for CIFAR, 8 (or 32) x 224 x 224 clips, else 224."""
     if name.startswith("cifar_"):
         return (1, 3, 32, 32)
-    if name.startswith(("c2d_", "i3d_")):
-        return (1, 3, 8, 224, 224)
+    if name.startswith(("c2d_", "i3d_", "slowonly_")):
+        return (1, 3, 32 if options.get("layout") in ("paper", "mmaction2") else 8, 224, 224)
     return (1, 3, 224, 224)
 
 
 def complexity_of(name: str, input_shape: Sequence[int] | None = None, **options: Any) -> Complexity:
     """Complexity of the registered model `name`, built on the meta device (no memory, no compute)."""
-    from gcnet.models import create_model
+    from gcnet.models import create_model, get_model_entry
+    from gcnet.models.video_resnet import VideoResNet
 
-    shape = tuple(input_shape) if input_shape is not None else default_input_shape(name)
+    shape = tuple(input_shape) if input_shape is not None else default_input_shape(name, **options)
     with torch.device("meta"):
         model = create_model(name, **options)
-    return model_complexity(model, shape, name)
+    notes = [get_model_entry(name).description]
+    if isinstance(model, VideoResNet):
+        notes.append(model.describe(shape[2]))
+    return dataclasses.replace(model_complexity(model, shape, name), notes=tuple(notes))

@@ -1,10 +1,14 @@
 """The registered models: plain backbones and the papers' named configurations, in one table.
 
 GCNet (arXiv:1904.11492): GC r16 / r4 after the last 1x1 of every bottleneck in c3-c5;
-    SNL in the same places; SE r16 in every block (SENet); one NL block before the last
-    residual block of c4 (the NLNet baseline).
+    SNL in the same places (`resnet50_snl`) or as one block where the NL baseline has its one
+    (`resnet50_snl1`); SE r16 in every block (SENet); one NL block before the last residual
+    block of c4 (the NLNet baseline). Kinetics: Slow-only ResNet-50 (SlowFast) with GC r16 in
+    every residual block of res3-res5, and 5 NL or SNL blocks at the NL paper's 5 places.
 Non-local (arXiv:1711.07971), C2D / I3D ResNet-50 for video: 1 NL block (res4, before its last
     block), 5 (every other block of res3 and res4), 10 (every block of res3 and res4).
+C2D / I3D with GC blocks (`c2d_resnet50_gc`, `i3d_resnet50_gc`) are gcnet combinations that
+    neither paper evaluates. docs/papers.md maps every name to its paper row.
 """
 
 from __future__ import annotations
@@ -57,7 +61,13 @@ register_model(
     "resnet50_snl",
     resnet.resnet50,
     {"context": "snl", "stages": C3_C5},
-    "ResNet-50 + simplified NL in c3-c5 (GCNet's SNL)",
+    "ResNet-50 + simplified NL in every residual block of c3-c5 (GC's placement, SNL block)",
+)
+register_model(
+    "resnet50_snl1",
+    resnet.resnet50,
+    {"nonlocal_indices": NL1_RESNET50, "nonlocal_block": "snl"},
+    "ResNet-50 + 1 simplified NL block before the last block of c4 (GCNet's SNL at the NL place)",
 )
 register_model(
     "resnet50_se",
@@ -82,12 +92,14 @@ for _builder in (
 ):
     register_model(_builder.__name__, _builder)
 
-# Video nets of the NL paper, and GC in their residual blocks (GCNet's Kinetics setting: c3-c5, r16).
+# Video nets of the NL paper (layout "8x8" by default; layout="paper" for 32-frame clips).
 for _builder in (
     video_resnet.c2d_resnet50,
     video_resnet.c2d_resnet101,
     video_resnet.i3d_resnet50,
     video_resnet.i3d_resnet101,
+    video_resnet.slowonly_resnet50,
+    video_resnet.slowonly_resnet101,
 ):
     register_model(_builder.__name__, _builder)
 for _name, _builder in (
@@ -105,5 +117,29 @@ for _name, _builder in (
         f"{_name}_gc",
         _builder,
         {"context": "gc", "reduction": 16, "stages": C3_C5},
-        f"{_name} + GC r16 in every residual block of res3-res5 (GCNet)",
+        f"{_name} + GC r16 in every residual block of res3-res5 (a gcnet combination, not a paper row)",
     )
+
+# GCNet's Kinetics models: the Slow-only baseline with GC, NL or SNL blocks.
+for _name, _builder, _depth in (
+    ("slowonly_resnet50", video_resnet.slowonly_resnet50, 50),
+    ("slowonly_resnet101", video_resnet.slowonly_resnet101, 101),
+):
+    register_model(
+        f"{_name}_gc",
+        _builder,
+        {"context": "gc", "reduction": 16, "stages": C3_C5},
+        f"Slow-only ResNet-{_depth} + GC r16 in every residual block of res3-res5 (GCNet, Kinetics)",
+    )
+register_model(
+    "slowonly_resnet50_nl5",
+    video_resnet.slowonly_resnet50,
+    {"nonlocal_indices": NL5_RESNET50, "nonlocal_options": NL_VIDEO},
+    "Slow-only ResNet-50 + 5 non-local blocks in res3/res4 (GCNet's NL comparison on Kinetics)",
+)
+register_model(
+    "slowonly_resnet50_snl5",
+    video_resnet.slowonly_resnet50,
+    {"nonlocal_indices": NL5_RESNET50, "nonlocal_block": "snl"},
+    "Slow-only ResNet-50 + 5 simplified NL blocks at the NL places (GCNet's SNL comparison on Kinetics)",
+)
