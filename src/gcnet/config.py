@@ -151,7 +151,8 @@ class ModelConfig:
         context: block in every residual block of the chosen stages.
         nonlocal_blocks: blocks between residual blocks.
         weights, weights_source: checkpoint to start from and its layout ("torchvision", "mmdet",
-            "timm", or "gcnet": a gcnet run folder, checkpoint folder or .safetensors file).
+            "timm", "caffe2" (the Non-local paper's .pkl), "mmaction2", or "gcnet": a gcnet run
+            folder, checkpoint folder or .safetensors file).
             New blocks and a head for another class count start from their init; any other
             unmatched key stops the run. Detection loads them into the backbone.
         channels_last: NHWC (NDHWC for video) memory format.
@@ -167,7 +168,7 @@ class ModelConfig:
     context: ContextConfig = field(default_factory=ContextConfig)
     nonlocal_blocks: NonLocalConfig = field(default_factory=NonLocalConfig)
     weights: str | None = None
-    weights_source: Literal["torchvision", "mmdet", "timm", "gcnet"] = "torchvision"
+    weights_source: Literal["torchvision", "mmdet", "timm", "gcnet", "caffe2", "mmaction2"] = "torchvision"
     channels_last: bool = False
     compile: bool = False
     sync_batchnorm: bool = False
@@ -626,6 +627,9 @@ def _check_model(config: Config) -> None:
                               f"(C2D / I3D models take it)")
     if m.stem_pool_padding not in (None, 0, 1):
         raise ConfigError(f"config key 'model.stem_pool_padding': expected 0, 1 or null, got {m.stem_pool_padding!r}")
+    if m.weights_source in ("caffe2", "mmaction2") and config.task != "video":
+        raise ConfigError(f"config key 'model.weights_source': {m.weights_source!r} checkpoints are video "
+                          f"models (task video), not {config.task!r}")
     if m.weights_source != "torchvision" and m.weights is None:
         raise ConfigError(f"config key 'model.weights_source' is {m.weights_source!r} but 'model.weights' is null")
     minimum = 2 if config.task == "detection" else 1

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-VIDEO_PREFIXES = ("c2d_", "i3d_")
+VIDEO_PREFIXES = ("c2d_", "i3d_", "slowonly_")
 
 
 def is_video(name: str) -> bool:

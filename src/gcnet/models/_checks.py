@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 # Advice on a wrong input rank, keyed by the rank received: a clip given to an image model and back.
-IMAGE_INPUT_HINTS: dict[int, str] = {5: "for clips use a video model (c2d_*/i3d_*)"}
+IMAGE_INPUT_HINTS: dict[int, str] = {5: "for clips use a video model (c2d_*/i3d_*/slowonly_*)"}
 CLIP_INPUT_HINTS: dict[int, str] = {4: "for single images use a 2D model, or add a time dim of size T"}
 
 

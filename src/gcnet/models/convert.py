@@ -41,12 +41,13 @@ from torch import Tensor, nn
 
 from gcnet.blocks import CONTEXT_BLOCKS
 
-Source = Literal["torchvision", "mmdet", "timm", "gcnet"]
-SOURCES: tuple[str, ...] = ("torchvision", "mmdet", "timm", "gcnet")
+Source = Literal["torchvision", "mmdet", "timm", "gcnet", "caffe2", "mmaction2"]
+SOURCES: tuple[str, ...] = ("torchvision", "mmdet", "timm", "gcnet", "caffe2", "mmaction2")
+VIDEO_SOURCES: tuple[str, ...] = ("caffe2", "mmaction2")
 # Keys a fine-tuned model may hold that its checkpoint lacks: context / between-block blocks it adds.
 NEW_BLOCK_MARKERS = (".context.", ".nonlocal_blocks.")
 # The classifier: created anew when the class count differs, absent from detection backbones.
-HEAD_PREFIXES = ("fc.",)
+HEAD_PREFIXES = ("fc.", "pred_", "cls_head.")
 StateDict = dict[str, Tensor]
 Checkpoint = Union[str, "os.PathLike[str]", Mapping[str, Tensor]]
 
@@ -291,15 +292,25 @@ def _fit_to_model(state: StateDict, model: nn.Module) -> StateDict:
 def convert_state_dict(
     state_dict: Mapping[str, object], source: Source, model: nn.Module | None = None
 ) -> StateDict:
-    """Convert a `source` ("torchvision", "mmdet", "timm", "gcnet") state dict to gcnet's key layout.
+    """Convert a `source` ("torchvision", "mmdet", "timm", "gcnet", "caffe2", "mmaction2") state dict
+    to gcnet's key layout.
 
     The mmdet layout may carry a `backbone.` prefix (a detector checkpoint); then only backbone
     keys are kept. Given a video `model`, 2D conv kernels are inflated to its temporal sizes.
     Keys are not checked here; `load_pretrained` reports missing and unexpected ones by name.
     A timm checkpoint needs a model built with its widths and LayerNorm eps: `timm_block_options`.
+    The video sources (the Non-local paper's Caffe2 blobs, mmaction2's I3D) need the `model` and
+    refuse one that would compute other outputs: `gcnet.models.video_checkpoints`.
     """
     if source not in SOURCES:
         raise ValueError(f"unknown source {source!r}; expected one of {list(SOURCES)}")
+    if source in VIDEO_SOURCES:
+        from gcnet.models.video_checkpoints import caffe2_to_gcnet, mmaction2_to_gcnet
+
+        if model is None:
+            raise ValueError(f"converting a {source} checkpoint needs the model it goes into")
+        convert = caffe2_to_gcnet if source == "caffe2" else mmaction2_to_gcnet
+        return convert(state_dict, model, strict=False)  # type: ignore[arg-type]
     state = unwrap_state_dict(state_dict)
     if source == "mmdet":
         state = _from_mmdet(state)
@@ -338,11 +349,17 @@ class LoadReport:
         return "; ".join(parts) if parts else "all keys matched"
 
 
-def load_state_dict_file(path: str | os.PathLike[str]) -> StateDict:
-    """Read a state dict from .safetensors, or from a torch file with weights_only=True (no code runs)."""
+def load_state_dict_file(path: str | os.PathLike[str], source: Source | None = None) -> StateDict:
+    """Read a state dict from .safetensors, a Caffe2 pickle (source "caffe2": numpy arrays only), or a
+    torch file with weights_only=True; no code in the file runs."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
+    if source == "caffe2":
+        from gcnet.models.video_checkpoints import read_caffe2_pickle
+
+        return {name: torch.from_numpy(blob.astype(blob.dtype.newbyteorder("="), copy=True))
+                for name, blob in read_caffe2_pickle(path).items()}
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -376,7 +393,7 @@ def load_pretrained(
     `resnet50_gc_r16`, or fc when the number of classes differs). From timm, a LayerNorm eps other
     than timm's 1e-6 counts as mismatched: the keys fit but the outputs would not be timm's.
     """
-    raw = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    raw = load_state_dict_file(checkpoint, source) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state = convert_state_dict(raw, source, model)
     target = model.state_dict()
     missing = tuple(k for k in target if k not in state)
@@ -407,7 +424,7 @@ def load_for_finetuning(model: nn.Module, checkpoint: Checkpoint, source: Source
     and a checkpoint classifier the model has no place for (a detection backbone). Any other missing,
     unexpected or mis-shaped key raises ValueError naming them, and nothing is loaded then.
     """
-    raw = load_state_dict_file(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    raw = load_state_dict_file(checkpoint, source) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     state = convert_state_dict(raw, source, model)
     target = model.state_dict()
     head_clash = {k for k, v in state.items() if k in target and v.shape != target[k].shape
