@@ -395,6 +395,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, overrides: Sequence[s
             raise ConfigError(f"{data!r} lacks images/ and annotations/instances.json; pass the image folder and "
                               "its COCO annotations json")
         data, annotations = str(root / "images"), str(root / "annotations" / "instances.json")
+    if config.train.threads is not None:
+        torch.set_num_threads(config.train.threads)
     context = distributed.setup(config.train.device)
     try:
         net = trained.model.to(context.device)

@@ -49,14 +49,18 @@ def run_eval(args: argparse.Namespace) -> int:
 
 def run_analyze(args: argparse.Namespace) -> int:
     """`gcnet analyze CHECKPOINT --data DIR --out REPORT`: attention maps and query-independence statistics."""
+    import torch
+
     from gcnet.analysis.report import analyze, batches_of
     from gcnet.builder import load_trained
 
     if args.batches < 1 or args.batch_size < 1:
         raise ValueError(f"--batches and --batch-size must be >= 1, got {args.batches} and {args.batch_size}")
-    trained = load_trained(args.checkpoint)
+    trained = load_trained(args.checkpoint, args.overrides)
     if trained.config.task == "detection":
         raise ValueError("analyze takes classification checkpoints (image or video); this one is detection")
+    if trained.config.train.threads is not None:
+        torch.set_num_threads(trained.config.train.threads)
     dataset = trained.eval_dataset(args.data)
     summary = analyze(trained.model, batches_of(dataset, args.batch_size), args.out, args.batches)
     print(json.dumps(summary, indent=2))
@@ -139,10 +143,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     analyze = commands.add_parser("analyze", help="attention maps and query-independence statistics of a checkpoint")
     analyze.add_argument("checkpoint", help="a checkpoint folder or run folder written by `gcnet train`")
-    analyze.add_argument("--data", required=True, help="image or video folder to analyse (the checkpoint's layout)")
+    analyze.add_argument("--data", required=True, help="image or video folder, or a `path label` list file, "
+                         "to analyse (the checkpoint's layout)")
     analyze.add_argument("--out", required=True, help="report folder: report.md, statistics.png, attention_maps.png")
     analyze.add_argument("--batches", type=int, default=4, help="batches to average over (default 4)")
     analyze.add_argument("--batch-size", type=int, default=16, help="inputs per batch (default 16)")
+    _add_overrides(analyze, "train.threads=1")
     analyze.set_defaults(handler=run_analyze)
 
     demo = commands.add_parser("demo", help="train a CIFAR ResNet with no block, SE, GC and NL; print a table")

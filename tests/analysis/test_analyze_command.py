@@ -2,6 +2,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from gcnet.cli import main
 from gcnet.builder import train
@@ -49,7 +50,13 @@ def test_analyze_skips_corrupt_files_and_refuses_zero_batches(tmp_path: Path, ca
     train(config_from_dict(config))
     (images / "class_0" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
     out = tmp_path / "report"
-    assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batch-size", "4"]) == 0
+    threads = torch.get_num_threads()
+    try:  # --set train.threads reaches analyze (and eval), as it does train
+        assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batch-size", "4",
+                     "--set", "train.threads=1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(threads)
     assert "analysis skipped corrupt file" in caplog.text and "broken.jpg" in caplog.text
     assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batches", "0"]) == 2
     assert "--batches and --batch-size must be >= 1" in capsys.readouterr().err

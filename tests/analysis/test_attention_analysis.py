@@ -127,7 +127,9 @@ def test_space_time_blocks_and_figures(tmp_path) -> None:
     assert captures["1"].maps.shape == (1, 144, 36) and captures["1"].key_shape == (4, 3, 3)
     keys, (row, col) = query_map(captures["1"], 0, (0.5, 0.5))
     assert keys.shape == (3, 3) and (row, col) == (3, 3)
-    torch.testing.assert_close(keys.flatten(), captures["1"].maps[0, 2 * 36 + 3 * 6 + 3].reshape(4, 9)[2])
+    # the middle frame's query; its weights summed over the 4 key frames: a whole distribution
+    torch.testing.assert_close(keys.flatten(), captures["1"].maps[0, 2 * 36 + 3 * 6 + 3].reshape(4, 9).sum(0))
+    assert keys.sum().item() == pytest.approx(1.0)
     figure = plot_query_maps(clip[0, :, 2], captures, tmp_path / "maps.png")
     running = QueryStatistics()
     running.update(captures)

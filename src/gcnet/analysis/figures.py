@@ -36,8 +36,8 @@ def _save(fig, path: str | Path) -> Path:
 def query_map(capture: BlockCapture, sample: int, query: tuple[float, float]) -> tuple[Tensor, tuple[int, int]]:
     """The (h, w) key map of the query at relative (y, x), and the query's (row, col) on the block's grid.
 
-    For space-time blocks the query sits in the middle frame and the map shows the keys of the
-    matching (middle) key frame.
+    For space-time blocks the query sits in the middle frame and the map sums its weights over the
+    key frames, so every map drawn is the whole attention (it sums to 1), wherever in time it falls.
     """
     spatial = tuple(capture.inputs.shape[2:])
     if len(spatial) not in (2, 3):
@@ -48,7 +48,7 @@ def query_map(capture: BlockCapture, sample: int, query: tuple[float, float]) ->
     index = 0 if capture.query_independent else (frame * H + row) * W + col
     keys = capture.maps[sample, index].reshape(capture.key_shape)  # (*key positions)
     if len(spatial) == 3:
-        keys = keys[min(frame * capture.key_shape[0] // spatial[0], capture.key_shape[0] - 1)]
+        keys = keys.sum(0)
     return keys, (row, col)
 
 
@@ -62,21 +62,27 @@ def plot_query_maps(
     """A grid: one row per block, the image with each query's map overlaid (as GCNet's Fig. 1).
 
     `image` is (3, H, W) in [0, 1] (for clips, the middle frame); queries are relative (y, x).
+    Every map is drawn on one colour scale, 0 to the largest weight in the figure, with a colour bar.
     """
     plt = _pyplot()
     shown = image.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
     H, W = image.shape[1:]
     fig, axes = plt.subplots(len(captures), len(queries), figsize=(2.6 * len(queries), 2.6 * len(captures)), squeeze=False)
+    maps = {(name, q): query_map(capture, sample, q) for name, capture in captures.items() for q in queries}
+    top = max(float(keys.max()) for keys, _ in maps.values())
+    drawn = None
     for row_axes, (name, capture) in zip(axes, captures.items()):
         for ax, query in zip(row_axes, queries):
-            keys, (r, c) = query_map(capture, sample, query)
+            keys, (r, c) = maps[name, query]
             upsampled = F.interpolate(keys[None, None].float(), size=(H, W), mode="nearest")[0, 0]
             grid_h, grid_w = capture.inputs.shape[-2:]
             ax.imshow(shown)
-            ax.imshow(upsampled.cpu().numpy(), cmap="jet", alpha=0.5)
+            drawn = ax.imshow(upsampled.cpu().numpy(), cmap="jet", alpha=0.5, vmin=0.0, vmax=top)
             ax.plot((c + 0.5) * W / grid_w - 0.5, (r + 0.5) * H / grid_h - 0.5, "w*", markersize=11)
             ax.set_title(f"{name}\n{capture.kind}, query ({r}, {c})", fontsize=8)
             ax.axis("off")
+    fig.colorbar(drawn, ax=axes, shrink=0.8, label="attention weight" + (" (summed over key frames)"
+                 if any(c.inputs.dim() == 5 for c in captures.values()) else ""))
     return _save(fig, path)
 
 

@@ -347,7 +347,7 @@ class _Loop:
                         self.tb.write(self.state["step"], {f"epoch/{k}": float(v) for k, v in row.items()
                                                            if isinstance(v, (int, float)) and k not in ("epoch", "step")})
                     logger.info("epoch %d/%d %s", epoch + 1, tc.epochs,
-                                {k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()})
+                                {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in row.items()})
         finally:
             for log in (self.steps_log, self.epochs_log, self.tb):
                 if log is not None:
