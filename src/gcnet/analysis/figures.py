@@ -25,7 +25,8 @@ def _pyplot():
 
 def _save(fig, path: str | Path) -> Path:
     """Write the figure as a PNG (creating its folder) and free it."""
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:
+        fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
@@ -67,7 +68,8 @@ def plot_query_maps(
     plt = _pyplot()
     shown = image.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
     H, W = image.shape[1:]
-    fig, axes = plt.subplots(len(captures), len(queries), figsize=(2.6 * len(queries), 2.6 * len(captures)), squeeze=False)
+    fig, axes = plt.subplots(len(captures), len(queries), figsize=(2.6 * len(queries) + 1, 2.6 * len(captures)),
+                             squeeze=False, layout="constrained")
     maps = {(name, q): query_map(capture, sample, q) for name, capture in captures.items() for q in queries}
     top = max(float(keys.max()) for keys, _ in maps.values())
     drawn = None
@@ -81,8 +83,9 @@ def plot_query_maps(
             ax.plot((c + 0.5) * W / grid_w - 0.5, (r + 0.5) * H / grid_h - 0.5, "w*", markersize=11)
             ax.set_title(f"{name}\n{capture.kind}, query ({r}, {c})", fontsize=8)
             ax.axis("off")
-    fig.colorbar(drawn, ax=axes, shrink=0.8, label="attention weight" + (" (summed over key frames)"
-                 if any(c.inputs.dim() == 5 for c in captures.values()) else ""))
+    bar = fig.colorbar(drawn, ax=axes, shrink=0.8)
+    video = any(c.inputs.dim() == 5 for c in captures.values())
+    bar.set_label("weight, sum over key frames" if video else "attention weight", fontsize=8)
     return _save(fig, path)
 
 
