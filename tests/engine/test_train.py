@@ -1,3 +1,4 @@
+import copy
 import json
 import logging
 from pathlib import Path
@@ -285,3 +286,18 @@ def test_cli_reports_a_corrupt_file_under_on_corrupt_error_in_one_line(tmp_path:
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("gcnet train: corrupt or unreadable file ") and "broken.jpg" in err[-1]
     assert not any("Traceback" in line for line in err)
+
+
+def test_a_schema_key_added_since_the_checkpoint_is_no_change() -> None:
+    """A run saved before `model.context.norm_eps` (and other keys) existed resumes: the saved config
+    is read with today's schema, so a new key at its default does not count as changed."""
+    from gcnet.engine.loop import config_changes
+
+    today = config_from_dict({"data": {"train": "/nonexistent/train"}}).to_dict()
+    saved = copy.deepcopy(today)
+    for section in ("context", "nonlocal_blocks"):
+        for key in ("hidden_channels", "norm_eps", "subsample_at"):
+            del saved["model"][section][key]
+    assert config_changes(saved, today) == {}
+    saved["model"]["context"]["block"] = "gc"
+    assert set(config_changes(saved, today)) == {"model.context"}

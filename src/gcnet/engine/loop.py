@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from gcnet.config import Config
+from gcnet.config import Config, ConfigError, config_from_dict
 from gcnet.data.sampling import MicroBatchSampler, SeededDataset
 from gcnet.engine import distributed
 from gcnet.engine.checkpoint import has_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -136,7 +136,14 @@ def _flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
-    """Dotted keys whose value differs between a checkpoint's config and the new one: (old, new)."""
+    """Dotted keys whose value differs between a checkpoint's config and the new one: (old, new).
+
+    The saved config is read with today's schema first, so a key added since, at its default, is no change.
+    """
+    try:
+        saved = config_from_dict(saved).to_dict()
+    except ConfigError:  # a key since removed or renamed: compare as saved, the change is then reported
+        pass
     old_flat, new_flat = _flat(saved), _flat(new)
     return {k: (old_flat.get(k), new_flat.get(k)) for k in sorted(set(old_flat) | set(new_flat))
             if old_flat.get(k) != new_flat.get(k)}
