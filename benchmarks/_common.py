@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from gcnet._machine import retain_freed_memory
+
 
 def load() -> str:
     """The 1/5/15-minute load averages, e.g. '0.52 0.61 0.40'."""
@@ -38,20 +40,6 @@ def load() -> str:
             return " ".join(f.read().split()[:3])
     except OSError:
         return "n/a"
-
-
-def retain_freed_memory() -> bool:
-    """Make glibc malloc keep freed memory in the process (no trimming, no per-buffer mmap).
-
-    Returns False where the C library is not glibc (nothing changed).
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
 
 
 def add_allocator_option(parser: argparse.ArgumentParser) -> None:

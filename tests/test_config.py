@@ -153,3 +153,16 @@ def test_video_layout_reaches_the_model_and_is_refused_where_it_does_not_apply()
         config_from_dict({**BASE["image"], "model": {"name": "cifar_resnet20", "layout": "8x8"}})
     with pytest.raises(ConfigError, match=r"'model.stem_pool_padding': expected 0, 1 or null, got 2"):
         config_from_dict({**BASE["video"], "model": {"name": "c2d_resnet50", "stem_pool_padding": 2}})
+
+
+def test_train_allocator_choice() -> None:
+    from gcnet._machine import preloaded_allocator, retain_freed_memory
+
+    assert config_from_dict(BASE["image"]).train.allocator == "retained"
+    with pytest.raises(ConfigError, match=r"'train.allocator': expected one of \['retained', 'system'\]"):
+        config_from_dict({**BASE["image"], "train": {"allocator": "jemalloc"}})
+    import os
+
+    preloaded = os.environ.get("LD_PRELOAD", "")
+    assert preloaded_allocator() == next((n for n in ("jemalloc", "tcmalloc") if n in preloaded), None)
+    assert retain_freed_memory() is True  # glibc (Debian): mallopt accepted

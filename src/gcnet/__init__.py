@@ -1,5 +1,6 @@
 """gcnet: global context modeling for convolutional networks (GCNet, Non-local, SE)."""
 
+from gcnet._machine import retain_freed_memory
 from gcnet.blocks import (
     GlobalContext,
     NonLocal,
@@ -20,4 +21,5 @@ __all__ = [
     "create_model",
     "get_context_block",
     "list_models",
+    "retain_freed_memory",
 ]

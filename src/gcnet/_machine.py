@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import platform
 from pathlib import Path
 
@@ -37,3 +38,30 @@ def cpu_caches() -> str:
         suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
         found.append(f"L{level}{suffix} {size}")
     return ", ".join(found) or "unknown"
+
+
+def retain_freed_memory() -> bool:
+    """Make glibc's malloc keep freed memory in the process: no trimming, no mmap per large buffer.
+
+    By default every tensor over glibc's mmap threshold is fresh pages from the kernel, zeroed on first
+    touch, on each training step; keeping them makes those page faults go away (docs/benchmarks.md,
+    "Allocator"). Returns False, changing nothing, where the C library is not glibc.
+    """
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(mallopt(m_trim_threshold, 2**31 - 1)) and bool(mallopt(m_mmap_max, 0))
+
+
+def preloaded_allocator() -> str | None:
+    """"jemalloc" or "tcmalloc" when one replaces malloc in this process (LD_PRELOAD), else None."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return None
+    for name in ("jemalloc", "tcmalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return None

@@ -291,6 +291,9 @@ class TrainConfig:
         precision: "fp32", "bf16" (autocast on CPU or CUDA) or "fp16" (CUDA, with loss scaling).
         device: "auto" (CUDA if available), "cpu" or "cuda".
         threads: torch intra-op threads; null leaves the default.
+        allocator: "retained" keeps freed memory in the process (glibc; no page faults on every
+            step's large buffers), "system" leaves malloc as it is (also when jemalloc or tcmalloc
+            is preloaded, which is then used either way).
         out_dir: run folder for checkpoints, metrics.csv, steps.csv, curves.
         max_steps_per_epoch: cut epochs short (smoke runs); null runs them whole.
         checkpoint_every_steps: also checkpoint inside epochs every N steps; 0 only at epoch ends.
@@ -309,6 +312,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = None
+    allocator: Literal["retained", "system"] = "retained"
     out_dir: str = "outputs/run"
     max_steps_per_epoch: int | None = None
     checkpoint_every_steps: int = 0

@@ -81,3 +81,17 @@ def test_the_header_names_the_machine() -> None:
     if platform.system() == "Linux":
         assert "L1d" in info["caches"] or info["caches"] == "unknown"
     assert "logical cores" in info["cpu"]
+
+
+def test_allocator_benchmark_runs_each_allocator_in_its_own_process() -> None:
+    """A child process per allocator, checked to run on the allocator it is named for (LD_PRELOAD)."""
+    import argparse
+    from pathlib import Path
+
+    from benchmarks import allocators
+
+    args = argparse.Namespace(threads=1, steps=1, warmup=1, quick=True)
+    case = next(iter(allocators.CASES))
+    names = ["glibc retained"] + [a for a, lib in allocators.LIBRARIES.items() if Path(lib).is_file()]
+    for name in names:
+        assert allocators.run_child(case, name, args) > 0

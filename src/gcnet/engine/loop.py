@@ -31,6 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gcnet._machine import preloaded_allocator, retain_freed_memory
 from gcnet.config import Config, ConfigError, config_from_dict
 from gcnet.data.sampling import MicroBatchSampler, SeededDataset
 from gcnet.engine import distributed
@@ -103,7 +104,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 # Keys a resumed run may change: where things are and how they are shown, and the length of the run.
 RESUMABLE_KEYS = (
-    "train.epochs", "train.out_dir", "train.device", "train.threads", "train.progress", "train.plot",
+    "train.epochs", "train.out_dir", "train.device", "train.threads", "train.allocator", "train.progress", "train.plot",
     "train.tensorboard", "train.checkpoint_every_steps", "train.eval_every_epochs", "train.log_every_steps",
     "train.picture_images", "train.picture_score_threshold", "data.workers", "data.eval_batch_size", "data.cache",
     "data.on_corrupt", "data.train", "data.val", "data.test", "data.train_annotations", "data.val_annotations",
@@ -201,6 +202,8 @@ def train(config: Config, build: Callable[[distributed.DistContext], RunParts], 
     """
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
+    if config.train.allocator == "retained" and preloaded_allocator() is None:
+        retain_freed_memory()
     out_dir = Path(config.train.out_dir)
     _check_out_dir(out_dir, resume, overwrite)
     context = distributed.setup(config.train.device)
