@@ -88,7 +88,9 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
         * trained.config.data.batch_size,
         "parameters": count_parameters(trained.model),
         "macs": count_flops(trained.model, torch.randn(1, 3, size, size)),
-        "train_images_per_s": statistics.mean(float(r["images_per_s"]) for r in rows),
+        # the median epoch: robust to an epoch slowed by other jobs or a paused process
+        "train_images_per_s": statistics.median(float(r["images_per_s"]) for r in rows),
+        "allocator": trained.checkpoint.state["config"]["train"].get("allocator", "system"),
         "hours": sum(float(r["epoch_time_s"]) for r in rows) / 3600, "threads": trained.config.train.threads,
         "cpu": cpu_model(), "isa": cpu_isa(),
         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M"),
