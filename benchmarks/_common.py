@@ -17,7 +17,6 @@ in a fresh interpreter per case, so no cached allocation of an earlier case hide
 from __future__ import annotations
 
 import argparse
-import ctypes
 import json
 import os
 import platform

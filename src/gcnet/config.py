@@ -630,7 +630,8 @@ def _check_model(config: Config) -> None:
             raise ConfigError(f"config key 'model.{key}': model {m.name!r} has no such option "
                               f"(C2D / I3D models take it)")
     if m.stem_pool_padding not in (None, 0, 1):
-        raise ConfigError(f"config key 'model.stem_pool_padding': expected 0, 1 or null, got {m.stem_pool_padding!r}")
+        raise ConfigError("config key 'model.stem_pool_padding': expected 0, 1 or null, "
+                          f"got {m.stem_pool_padding!r}")
     if m.weights_source in ("caffe2", "mmaction2") and config.task != "video":
         raise ConfigError(f"config key 'model.weights_source': {m.weights_source!r} checkpoints are video "
                           f"models (task video), not {config.task!r}")

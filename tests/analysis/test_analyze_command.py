@@ -52,8 +52,8 @@ def test_analyze_skips_corrupt_files_and_refuses_zero_batches(tmp_path: Path, ca
     out = tmp_path / "report"
     threads = torch.get_num_threads()
     try:  # --set train.threads reaches analyze (and eval), as it does train
-        assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out), "--batch-size", "4",
-                     "--set", "train.threads=1"]) == 0
+        assert main(["analyze", str(tmp_path / "run"), "--data", str(images), "--out", str(out),
+                     "--batch-size", "4", "--set", "train.threads=1"]) == 0
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(threads)

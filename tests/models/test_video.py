@@ -157,7 +157,8 @@ def test_paper_layout_gives_table_1_temporal_sizes() -> None:
         paper(torch.randn(1, 3, 32, 32, 32))
     for hook in hooks:
         hook.remove()
-    assert sizes == {"conv1": 16, "maxpool": 8, "layer1": 8, "temporal_pool": 4, "layer2": 4, "layer3": 4, "layer4": 4}
+    assert sizes == {"conv1": 16, "maxpool": 8, "layer1": 8, "temporal_pool": 4,
+                     "layer2": 4, "layer3": 4, "layer4": 4}
     assert paper.frames_per_stage(32) == {"conv1": 16, "pool1": 8, "c2": 8, "c3": 4, "c4": 4, "c5": 4}
     with torch.device("meta"):
         released = create_model("i3d_resnet50")
@@ -187,7 +188,8 @@ def test_slowonly_follows_slowfast_and_gc_goes_into_res3_to_res5() -> None:
     assert all(b.conv2.kernel_size == (1, 3, 3) for i in range(1, 5) for b in getattr(slow, f"layer{i}"))
     assert [sum(b.context is not None for b in getattr(gc, f"layer{i}")) for i in range(1, 5)] == [0, 4, 6, 3]
     assert gc.layer2[0].context.reduction == 16 and gc.layer2[0].context.channels == 512
-    assert [list(getattr(nl5, f"layer{i}").nonlocal_blocks) for i in range(1, 5)] == [[], ["1", "3"], ["1", "3", "5"], []]
+    placed = [list(getattr(nl5, f"layer{i}").nonlocal_blocks) for i in range(1, 5)]
+    assert placed == [[], ["1", "3"], ["1", "3", "5"], []]
     with pytest.raises(TypeError, match="unknown options \\['layout'\\]"):
         create_model("slowonly_resnet50", layout="8x8")
 

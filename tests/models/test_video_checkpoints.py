@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from gcnet.models import create_model, load_for_finetuning, load_pretrained
 from gcnet.models.video_checkpoints import caffe2_to_gcnet, mmaction2_to_gcnet, read_caffe2_pickle
@@ -534,7 +534,8 @@ def test_caffe2_and_mmaction2_files_load_through_gcnets_loaders(small_blobs, tmp
     path = write_py2_pickle(with_training_state(blobs), tmp_path / "c2d.pkl")
     model = fresh(small_c2d)
     assert load_pretrained(model, path, "caffe2").exact
-    loaded, released = model.layer3.nonlocal_blocks["0"].theta.weight, original.layer3.nonlocal_blocks["0"].theta.weight
+    loaded = model.layer3.nonlocal_blocks["0"].theta.weight
+    released = original.layer3.nonlocal_blocks["0"].theta.weight
     torch.testing.assert_close(loaded, released.to(loaded.dtype))
     tuned = build_video_resnet((1, 1, 1, 1), kind="c2d", num_classes=3, stem_pool_padding=0, context="gc",
                                nonlocal_indices=NL_AFTER_RES4_0, nonlocal_options=NL_CAFFE2)
@@ -543,7 +544,8 @@ def test_caffe2_and_mmaction2_files_load_through_gcnets_loaders(small_blobs, tmp
     torch.testing.assert_close(tuned.layer2[0].conv2.weight, original.layer2[0].conv2.weight.float())
     assert tuned.fc.out_features == 3
     with pytest.raises(ValueError, match=r"unexpected: res9_0_branch2a_w"):
-        load_for_finetuning(fresh(small_c2d), {**blobs, "res9_0_branch2a_w": np.zeros(3, np.float32)}, "caffe2")
+        extra = {**blobs, "res9_0_branch2a_w": np.zeros(3, np.float32)}
+        load_for_finetuning(fresh(small_c2d), extra, "caffe2")
     mm = tmp_path / "i3d.pth"
     torch.save({"state_dict": mmaction2_state(randomize_(small_i3d_mmaction2()))}, mm)
     assert load_pretrained(small_i3d_mmaction2(), mm, "mmaction2").exact

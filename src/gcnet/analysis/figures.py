@@ -68,8 +68,8 @@ def plot_query_maps(
     plt = _pyplot()
     shown = image.permute(1, 2, 0).clamp(0, 1).cpu().numpy()
     H, W = image.shape[1:]
-    fig, axes = plt.subplots(len(captures), len(queries), figsize=(2.6 * len(queries) + 1, 2.6 * len(captures)),
-                             squeeze=False, layout="constrained")
+    size = (2.6 * len(queries) + 1, 2.6 * len(captures))
+    fig, axes = plt.subplots(len(captures), len(queries), figsize=size, squeeze=False, layout="constrained")
     maps = {(name, q): query_map(capture, sample, q) for name, capture in captures.items() for q in queries}
     top = max(float(keys.max()) for keys, _ in maps.values())
     drawn = None

@@ -104,9 +104,10 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 # Keys a resumed run may change: where things are and how they are shown, and the length of the run.
 RESUMABLE_KEYS = (
-    "train.epochs", "train.out_dir", "train.device", "train.threads", "train.allocator", "train.progress", "train.plot",
-    "train.tensorboard", "train.checkpoint_every_steps", "train.eval_every_epochs", "train.log_every_steps",
-    "train.picture_images", "train.picture_score_threshold", "data.workers", "data.eval_batch_size", "data.cache",
+    "train.epochs", "train.out_dir", "train.device", "train.threads", "train.allocator", "train.progress",
+    "train.plot", "train.tensorboard", "train.checkpoint_every_steps", "train.eval_every_epochs",
+    "train.log_every_steps", "train.picture_images", "train.picture_score_threshold", "data.workers",
+    "data.eval_batch_size", "data.cache",
     "data.on_corrupt", "data.train", "data.val", "data.test", "data.train_annotations", "data.val_annotations",
     "data.test_annotations", "model.weights", "model.weights_source", "model.compile",
 )

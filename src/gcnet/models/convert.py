@@ -393,7 +393,8 @@ def load_pretrained(
     `resnet50_gc_r16`, or fc when the number of classes differs). From timm, a LayerNorm eps other
     than timm's 1e-6 counts as mismatched: the keys fit but the outputs would not be timm's.
     """
-    raw = load_state_dict_file(checkpoint, source) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    raw = load_state_dict_file(checkpoint, source) if is_path else checkpoint
     state = convert_state_dict(raw, source, model)
     target = model.state_dict()
     missing = tuple(k for k in target if k not in state)
@@ -424,7 +425,8 @@ def load_for_finetuning(model: nn.Module, checkpoint: Checkpoint, source: Source
     and a checkpoint classifier the model has no place for (a detection backbone). Any other missing,
     unexpected or mis-shaped key raises ValueError naming them, and nothing is loaded then.
     """
-    raw = load_state_dict_file(checkpoint, source) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+    is_path = isinstance(checkpoint, (str, os.PathLike))
+    raw = load_state_dict_file(checkpoint, source) if is_path else checkpoint
     state = convert_state_dict(raw, source, model)
     target = model.state_dict()
     head_clash = {k for k, v in state.items() if k in target and v.shape != target[k].shape

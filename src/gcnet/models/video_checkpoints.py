@@ -194,7 +194,9 @@ class _Collector:
     an unused source tensor under its own name, for `load_pretrained` / `load_for_finetuning` to judge.
     """
 
-    def __init__(self, source: Mapping[str, Tensor], model: nn.Module, origin: str, strict: bool = True) -> None:
+    def __init__(
+        self, source: Mapping[str, Tensor], model: nn.Module, origin: str, strict: bool = True
+    ) -> None:
         self.source, self.origin, self.model, self.strict = source, origin, model, strict
         self.target = model.state_dict()
         self.state: StateDict = {}
@@ -248,7 +250,9 @@ class _Collector:
 
 def _check_model(model: object) -> VideoResNet:
     if not isinstance(model, VideoResNet):
-        raise TypeError(f"expected a gcnet VideoResNet (c2d_*/i3d_*/slowonly_* models), got {type(model).__name__}")
+        raise TypeError(
+            f"expected a gcnet VideoResNet (c2d_*/i3d_*/slowonly_* models), got {type(model).__name__}"
+        )
     return model
 
 
