@@ -169,6 +169,8 @@ class VideoResNet(nn.Module):
         self.num_features = channels
         self.fc = make_head(channels, num_classes)
         init_weights(self, zero_init_residual)
+        # The shortest clip that leaves at least one time step in c5.
+        self.min_frames = next(t for t in range(1, 1024) if min(self.frames_per_stage(t).values()) >= 1)
 
     def frames_per_stage(self, frames: int) -> dict[str, int]:
         """Time steps after conv1, pool1 and each stage for a clip of `frames` frames."""
@@ -179,11 +181,6 @@ class VideoResNet(nn.Module):
         c3 = sizes["c2"] // 2 if isinstance(self.temporal_pool, nn.MaxPool3d) else sizes["c2"]
         sizes.update(c3=c3, c4=c3, c5=c3)
         return sizes
-
-    @property
-    def min_frames(self) -> int:
-        """The shortest clip that leaves at least one time step in c5."""
-        return next(t for t in range(1, 1024) if min(self.frames_per_stage(t).values()) >= 1)
 
     def describe(self, frames: int) -> str:
         """One line: the temporal layout and the time steps per stage for `frames` input frames."""
