@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gcnet._machine import retain_freed_memory
+from gcnet._machine import last_level_cache_bytes, retain_freed_memory
 
 
 def load() -> str:
@@ -105,23 +105,6 @@ class Timing:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.seconds) * 1e3
-
-
-def last_level_cache_bytes() -> int | None:
-    """Size of CPU 0's largest cache level from sysfs (Linux), or None where it is not reported."""
-    sizes: dict[int, int] = {}
-    root = "/sys/devices/system/cpu/cpu0/cache"
-    try:
-        for index in (name for name in os.listdir(root) if name.startswith("index")):
-            with open(f"{root}/{index}/level") as f:
-                level = int(f.read())
-            with open(f"{root}/{index}/size") as f:
-                text = f.read().strip()
-            scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
-            sizes[level] = int(text.rstrip("KMG")) * scale
-    except (OSError, ValueError):
-        return None
-    return sizes[max(sizes)] if sizes else None
 
 
 class CacheEviction:

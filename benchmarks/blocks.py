@@ -13,6 +13,7 @@ once, each in a fresh process (`--memory-case` is that process's entry point).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -163,7 +164,12 @@ def gc_cases(shape: Shape, compile_: bool = False) -> dict[str, nn.Module]:
     if timm_layers is not None:
         cases["timm GlobalContext (add, r16)"] = TimmGlobalContext(gc)
     cases["gcnet SNL"] = randomize_(SimplifiedNonLocal(C))
-    cases["gcnet SE r16"] = randomize_(SqueezeExcite(C, reduction=16))
+    se = randomize_(SqueezeExcite(C, reduction=16))
+    cases["gcnet SE r16"] = se
+    if _fused.native_kernels_available():
+        cases["gcnet SE, PyTorch ops (no CPU kernels)"] = InContext(se, lambda: _fused.native_kernels(False))
+    cases["gcnet SE, composite autograd"] = InContext(se, _fused.composite_autograd)
+    cases["gcnet both fusions (scale + add), r16"] = randomize_(GlobalContext(C, reduction=16, fusion="both"))
     if compile_:
         cases["gcnet GC, torch.compile"] = torch.compile(gc)
     return cases
@@ -238,7 +244,9 @@ class Case:
         self.module.train()
         self.x.grad = None
         self.module.zero_grad(set_to_none=True)
-        self.module(self.x).backward(self.grad)
+        # The backward of an InContext case runs in its context too (e.g. without the CPU kernels).
+        with self.module.make_context() if isinstance(self.module, InContext) else contextlib.nullcontext():
+            self.module(self.x).backward(self.grad)
 
 
 def make_inputs(shape: Shape) -> tuple[Tensor, Tensor]:

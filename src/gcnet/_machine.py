@@ -25,19 +25,33 @@ def cpu_isa() -> str:
     return torch.backends.cpu.get_cpu_capability()
 
 
-def cpu_caches() -> str:
-    """Cache sizes of CPU 0 by level, e.g. "L1d 32K, L1i 32K, L2 512K, L3 32768K" ("unknown" off Linux)."""
-    found = []
+def cache_sizes() -> dict[str, int]:
+    """Cache sizes of CPU 0 in bytes by level, e.g. {"L1d": 32768, "L1i": 32768, "L2": 524288, ...}.
+
+    From sysfs; empty off Linux or where the machine does not report them.
+    """
+    found = {}
     for index in sorted(Path("/sys/devices/system/cpu/cpu0/cache").glob("index*")):
         try:
             level = (index / "level").read_text().strip()
             kind = (index / "type").read_text().strip()
-            size = (index / "size").read_text().strip()
-        except OSError:
+            text = (index / "size").read_text().strip()
+            size = int(text.rstrip("KMG")) * {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        except (OSError, ValueError):
             continue
-        suffix = {"Data": "d", "Instruction": "i"}.get(kind, "")
-        found.append(f"L{level}{suffix} {size}")
-    return ", ".join(found) or "unknown"
+        found[f"L{level}" + {"Data": "d", "Instruction": "i"}.get(kind, "")] = size
+    return found
+
+
+def last_level_cache_bytes() -> int | None:
+    """Size of CPU 0's last cache level in bytes, or None where it is not reported."""
+    sizes = cache_sizes()
+    return sizes[max(sizes, key=lambda name: name[:2])] if sizes else None
+
+
+def cpu_caches() -> str:
+    """Cache sizes of CPU 0 by level, e.g. "L1d 32K, L1i 32K, L2 512K, L3 32768K" ("unknown" off Linux)."""
+    return ", ".join(f"{name} {size // 2**10}K" for name, size in cache_sizes().items()) or "unknown"
 
 
 def retain_freed_memory() -> bool:

@@ -7,14 +7,21 @@ from collections import Counter
 import pytest
 import torch
 
-from gcnet.blocks import GlobalContext, SimplifiedNonLocal, _fused, native_kernels, native_kernels_available
+from gcnet.blocks import (
+    GlobalContext,
+    SimplifiedNonLocal,
+    SqueezeExcite,
+    _fused,
+    composite_autograd,
+    native_kernels,
+    native_kernels_available,
+)
 from tests.blocks.reference import global_context_reference, randomize_
 from tests.blocks.shapes import gradcheck_block
 
 needs_kernels = pytest.mark.skipif(not native_kernels_available(), reason="gcnet._C is not built")
 
-# (B, C, *positions): one block per sample, and samples the forward walks in several blocks
-# (NCHW above 2 MiB of float64, channels_last above 256 KiB).
+# (B, C, *positions); test_every_block_size_computes_the_same walks samples in several blocks.
 SHAPES = [(2, 8, 6), (3, 8, 5, 3), (2, 8, 2, 3, 4), (2, 64, 50, 90)]
 SMALL_SHAPES = SHAPES[:3]
 
@@ -70,21 +77,88 @@ def outputs_and_grads(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
     return [out.detach(), x.grad, *(p.grad for p in block.parameters())]
 
 
+# (pooling, fusion) -> the kernels one training step calls.
+CONFIGS = {
+    ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1},
+    ("attention", "scale"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1},
+    ("attention", "both"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1},
+    ("average", "scale"): {"fusion_sums": 1},
+    ("average", "add"): {},
+}
+
+
+def make_block(channels: int, pooling: str, fusion: str) -> GlobalContext:
+    return randomize_(GlobalContext(channels, reduction=4, pooling=pooling, fusion=fusion)).double()
+
+
 @needs_kernels
+@pytest.mark.parametrize("config", list(CONFIGS), ids="-".join)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_and_backward_match_the_pytorch_path(spy: Spy, shape: tuple, channels_last: bool) -> None:
-    block = randomize_(GlobalContext(shape[1], reduction=4)).double()
+def test_forward_and_backward_match_the_composite_path(spy: Spy, shape: tuple, channels_last: bool,
+                                                       config: tuple[str, str]) -> None:
+    block = make_block(shape[1], *config)
     x = laid_out(torch.randn(shape, dtype=torch.float64) * 2, channels_last)
     grad = laid_out(torch.randn(shape, dtype=torch.float64), channels_last)
-    with native_kernels(False):
+    with composite_autograd():
         expected = outputs_and_grads(block, x, grad)
+    with native_kernels(False):
+        without_kernels = outputs_and_grads(block, x, grad)
     assert not spy.calls
     got = outputs_and_grads(block, x, grad)
-    assert spy.calls == {"attention_pool": 1, "attention_pool_add_backward": 1}
-    for a, b in zip(got, expected):
-        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert spy.calls == CONFIGS[config]
+    for a, b, c in zip(got, without_kernels, expected):
+        torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-10)
     assert got[1].stride() == x.stride()  # grad_x keeps x's memory layout
+
+
+@needs_kernels
+@pytest.mark.parametrize("gate", [False, True], ids=["add", "gate"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_every_block_size_computes_the_same(channels_last: bool, gate: bool) -> None:
+    B, C, N = 2, 9, 37  # C not a multiple of the kernels' 4 rows, N not of any block
+    x = laid_out(torch.randn(B, C, N, dtype=torch.float64), channels_last)
+    grad_out = laid_out(torch.randn(B, C, N, dtype=torch.float64), channels_last)
+    weight, bias = torch.randn(C, dtype=torch.float64), torch.randn(1, dtype=torch.float64)
+    grad_context = torch.randn(B, C, dtype=torch.float64)
+    scale = torch.rand(B, C, dtype=torch.float64) if gate else None
+    results = []
+    for block in (1, 5, 16, N, 1000):
+        alpha, context = _fused._native.attention_pool(x, weight, bias, block)
+        grads = _fused._native.attention_pool_backward(x, grad_out, weight, alpha, context, grad_context, scale, block)
+        results.append([alpha, context, *grads])
+    logits = torch.einsum("c,bcn->bn", weight, x) + bias
+    torch.testing.assert_close(results[0][0], logits.softmax(-1).unsqueeze(1), rtol=1e-12, atol=1e-12)
+    for result in results[1:]:
+        for a, b in zip(result, results[0]):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_fusion_sums_are_the_gradients_of_add_and_gate(channels_last: bool) -> None:
+    x = laid_out(torch.randn(3, 10, 7, 5, dtype=torch.float64), channels_last).flatten(2)
+    grad_out = laid_out(torch.randn(3, 10, 7, 5, dtype=torch.float64), channels_last).flatten(2)
+    sums, products = _fused._native.fusion_sums(x, grad_out)
+    torch.testing.assert_close(sums, grad_out.sum(-1), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(products, (grad_out * x).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+def test_blocks_follow_the_cache_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_fused, "_cache_bytes", lambda: (2**20, 32 * 2**20))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        nchw = torch.empty(32, 256, 3136)  # 3 MiB a sample: two threads' samples fit in half of L3
+        assert _fused.positions_per_block(nchw) == 3136
+        video = torch.empty(4, 1024, 8 * 56 * 56)  # 98 MiB a sample: blocks of 8 MiB of whole rows
+        assert _fused.positions_per_block(video) == 8 * 2**20 // (1024 * 4)
+        channels_last = torch.empty(32, 3136, 256).transpose(1, 2)  # contiguous blocks in half of L2
+        assert _fused.positions_per_block(channels_last) == 2**19 // (256 * 4)
+        assert _fused.positions_per_block(torch.empty(2, 4096, 4)) == 4  # never more than N
+    finally:
+        torch.set_num_threads(threads)
 
 
 @needs_kernels
@@ -110,7 +184,9 @@ def test_gradcheck_on_each_path(shape: tuple, channels_last: bool, kernels: bool
     if kernels and not native_kernels_available():
         pytest.skip("gcnet._C is not built")
     x = laid_out(torch.randn(shape, dtype=torch.float64), channels_last)
-    for block in (GlobalContext(shape[1], reduction=4), SimplifiedNonLocal(shape[1])):
+    blocks = [GlobalContext(shape[1], reduction=4), SimplifiedNonLocal(shape[1]), SqueezeExcite(shape[1], 4),
+              GlobalContext(shape[1], reduction=4, fusion="both")]
+    for block in blocks:
         with native_kernels(kernels):
             assert gradcheck_block(randomize_(block).double(), x)
 
@@ -134,14 +210,20 @@ def test_kernels_name_what_they_expect() -> None:
     x = torch.randn(2, 8, 6)
     weight, bias = torch.randn(8), torch.zeros(1)
     with pytest.raises(RuntimeError, match="positions or channels contiguous"):
-        _fused._native.attention_pool(torch.randn(2, 6, 8, 3)[..., 0].transpose(1, 2)[:, :, ::2], weight, bias)
+        _fused._native.attention_pool(torch.randn(2, 6, 8, 3)[..., 0].transpose(1, 2)[:, :, ::2], weight, bias, 6)
     with pytest.raises(RuntimeError, match="float32 or float64"):
-        _fused._native.attention_pool(x.half(), weight.half(), bias)
+        _fused._native.attention_pool(x.half(), weight.half(), bias, 6)
     with pytest.raises(RuntimeError, match="key weight of 8"):
-        _fused._native.attention_pool(x, torch.randn(7), bias)
+        _fused._native.attention_pool(x, torch.randn(7), bias, 6)
     with pytest.raises(RuntimeError, match="shape \\(B, C, N\\)"):
-        _fused._native.attention_pool(x[0], weight, bias)
-    alpha, context = _fused._native.attention_pool(x, weight, bias)
+        _fused._native.attention_pool(x[0], weight, bias, 6)
+    with pytest.raises(RuntimeError, match="positions_per_block > 0"):
+        _fused._native.attention_pool(x, weight, bias, 0)
+    alpha, context = _fused._native.attention_pool(x, weight, bias, 6)
+    channels_last = x.transpose(1, 2).contiguous().transpose(1, 2)
     with pytest.raises(RuntimeError, match="grad_out laid out like x"):
-        _fused._native.attention_pool_add_backward(x, x.transpose(1, 2).contiguous().transpose(1, 2), weight,
-                                                   alpha, context, context)
+        _fused._native.attention_pool_backward(x, channels_last, weight, alpha, context, context, None, 6)
+    with pytest.raises(RuntimeError, match="gate \\(B, C\\) = \\(2, 8\\)"):
+        _fused._native.attention_pool_backward(x, x, weight, alpha, context, context, context[:, :4], 6)
+    with pytest.raises(RuntimeError, match="grad_out laid out like x"):
+        _fused._native.fusion_sums(x, channels_last)

@@ -1,18 +1,19 @@
-"""Fast paths for the context blocks: attention pooling + add fusion (GC, SNL) and an NL attention backward.
+"""Fast paths for the context blocks (GC, SNL, SE and every pooling x fusion) and an NL attention backward.
 
-Cao et al., "GCNet", arXiv:1904.11492: z = x + delta(sum_j alpha_j x_j), alpha = softmax_j(W_k x_j + b_k).
+Cao et al., "GCNet", arXiv:1904.11492: z = x * gate + add, (gate, add) = transforms(sum_j alpha_j x_j),
+alpha = softmax_j(W_k x_j + b_k) or 1/N.
 
-The block is memory-bound: its work is a few passes over x. Plain autograd spends more passes than
-the math needs (it sums the gradient coming from the add with the one coming from the pooling, and
-routes the pooling gradient through transposed temporaries). The function here keeps x, the (B, N)
-weights and the small graph of the transform on (B, C) vectors, and its backward makes
-grad_x = grad_out + [grad_context, W_k] @ [alpha; grad_logits] in one baddbmm pass.
+The blocks are memory-bound: their work is a few passes over x. Plain autograd spends more passes
+than the math needs (it sums the gradient coming from the fusion with the one coming from the
+pooling, and routes the pooling gradient through broadcast temporaries). `ContextFusion` keeps x,
+the (B, N) weights, the (B, C) gate and the small graph of the transforms on (B, C) vectors; its
+backward reads grad_out and x once for the fusion's gradients and once more for grad_x.
 `BlockwiseAttention` keeps SDPA's forward for the non-local block and replaces CPU flash
 attention's slow backward (small head dims) by bmm over blocks of query rows.
 
-Where the optional CPU kernels `gcnet._C` are built (see setup.py), attention pooling and the
-add-fusion backward of a CPU float32/float64 batch run there instead: one read of x per pass, in
-cache-sized blocks of each sample (src/gcnet/csrc/attention_pool.cpp).
+Where the optional CPU kernels `gcnet._C` are built (see setup.py), attention pooling, its backward
+and the fusion's gradients of a CPU float32/float64 batch run there instead: one read of x per
+pass, in blocks of each sample sized from this machine's caches (src/gcnet/csrc/attention_pool.cpp).
 
 Only eager mode takes these paths: under tracing, scripting, ONNX export, torch.compile or
 functorch transforms the blocks run their plain composite path (which computes the same numbers).
@@ -22,12 +23,15 @@ Double backward needs `composite_autograd()` (once_differentiable here).
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from gcnet._machine import cache_sizes, last_level_cache_bytes
 
 try:
     from gcnet import _C as _native
@@ -106,6 +110,34 @@ def _use_native(positions: Tensor) -> bool:
     )
 
 
+def _same_layout(positions: Tensor, grad: Tensor) -> bool:
+    return positions.is_contiguous() == grad.is_contiguous() and _native_layout(grad)
+
+
+@functools.cache
+def _cache_bytes() -> tuple[int, int]:
+    """(L2 per core, last-level cache) in bytes; 1 MiB and 32 MiB where the machine does not say."""
+    return cache_sizes().get("L2", 2**20), last_level_cache_bytes() or 32 * 2**20
+
+
+def positions_per_block(positions: Tensor) -> int:
+    """Positions the kernels take at a time from one sample of (B, C, N), from this machine's caches.
+
+    A block is read twice in a row (logits, then the weighted sum); the second read must find it in
+    cache. Channels-last blocks are contiguous and sized to half of L2. NCHW blocks cut every
+    channel row, and rows cut short defeat the hardware prefetcher: a whole sample is one block
+    while the threads' samples fit in half of the last-level cache, and blocks stay that large above.
+    """
+    B, C, N = positions.shape
+    l2, l3 = _cache_bytes()
+    row = C * positions.element_size()  # bytes of one position
+    if _transposed_is_dense(positions):
+        budget = l2 // 2
+    else:
+        budget = max(l2, l3 // (2 * min(B, torch.get_num_threads())))
+    return min(N, max(16, budget // row))
+
+
 def attention_logits(positions: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """W_k x_j + b_k for every position: (B, C, N) -> (B, 1, N), one pass over x in any layout.
 
@@ -131,7 +163,9 @@ def attention_pool(positions: Tensor, weight: Tensor, bias: Tensor) -> tuple[Ten
     """
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, weight, bias))
     if not wants_grad and _use_native(positions):
-        return _native.attention_pool(positions, weight.reshape(-1).contiguous(), bias)
+        return _native.attention_pool(
+            positions, weight.reshape(-1).contiguous(), bias, positions_per_block(positions)
+        )
     weights = attention_logits(positions, weight, bias).softmax(dim=-1)  # (B, 1, N)
     return weights, weighted_pool(positions, weights)
 
@@ -141,76 +175,123 @@ def _transposed_is_dense(t: Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(2) == t.shape[1] and t.shape[1] > 1
 
 
-class AttentionPoolAdd(torch.autograd.Function):
-    """z = x + transform(sum_j softmax_j(W_k x_j + b_k) x_j), broadcast over positions.
+def fuse(x: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor:
+    """z = x * gate + add with (B, C) gate and add broadcast over positions; either may be None."""
+    broadcast = x.shape[:2] + (1,) * (x.dim() - 2)  # (B, C, 1, ...)
+    if gate is None:
+        return x + add.view(broadcast)
+    if add is None:
+        return x * gate.view(broadcast)
+    return torch.addcmul(add.view(broadcast), x, gate.view(broadcast))
 
-    `transform` maps (B, C) -> (B, C) with the tensors `params` (the transform's parameters, passed
-    so that they receive gradients); it runs on a detached context inside an enable_grad island,
-    and its gradients come from torch.autograd.grad of that small graph in backward.
+
+Transforms = Callable[[Tensor], tuple[Tensor | None, Tensor | None]]
+
+
+class ContextFusion(torch.autograd.Function):
+    """z = x * gate + add, (gate, add) = transforms(sum_j alpha_j x_j): a whole context block.
+
+    alpha is softmax_j(W_k x_j + b_k) (attention pooling) or 1/N where the key weight is None
+    (average pooling). `transforms` maps the (B, C) context to the sigmoid gate and the add term,
+    either None, using the tensors `params` (passed so that they receive gradients); it runs on a
+    detached context inside an enable_grad island, and its gradients come from torch.autograd.grad
+    of that small graph in backward. Backward: the fusion's gradients (sum_j g_j, sum_j g_j x_j) in
+    one pass over grad_out and x, then grad_x in one more.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
         ctx,
         x: Tensor,
-        key_weight: Tensor,
-        key_bias: Tensor,
-        transform: Callable[[Tensor], Tensor],
+        key_weight: Tensor | None,
+        key_bias: Tensor | None,
+        transforms: Transforms,
         *params: Tensor,
     ) -> Tensor:
-        B, C = x.shape[:2]
-        weights, context = attention_pool(x.flatten(2), key_weight, key_bias)  # (B, 1, N), (B, C)
+        positions = x.flatten(2)  # (B, C, N)
+        if key_weight is None:
+            weights, context = None, positions.mean(dim=-1)  # (B, C)
+        else:
+            weights, context = attention_pool(positions, key_weight, key_bias)  # (B, 1, N), (B, C)
         with torch.enable_grad():
             leaf = context.detach().requires_grad_(True)
-            add = transform(leaf)  # (B, C)
-        ctx.save_for_backward(x, key_weight, weights, context, *params)
-        ctx.graph = (leaf, add)
-        return x + add.detach().view(B, C, *([1] * (x.dim() - 2)))  # (B, C, *positions)
+            gate, add = transforms(leaf)  # (B, C) each, or None
+        gate_value = None if gate is None else gate.detach()
+        ctx.save_for_backward(x, key_weight, weights, context, gate_value, *params)
+        ctx.graph = (leaf, gate, add)
+        return fuse(x, gate_value, None if add is None else add.detach())
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, key_weight, weights, context, *params = ctx.saved_tensors
-        leaf, add = ctx.graph
+        x, key_weight, weights, context, gate, *params = ctx.saved_tensors
+        leaf, gate_graph, add_graph = ctx.graph
         needs = ctx.needs_input_grad
         B, C = x.shape[:2]
+        positions = x.flatten(2)  # (B, C, N)
         grad = grad_out.flatten(2)  # (B, C, N)
-        grad_add = grad.sum(dim=-1)  # (B, C)
+        native = _use_native(positions) and _same_layout(positions, grad)
+
+        # The fusion's gradients: add receives sum_j g_j, the gate sum_j g_j x_j.
+        outputs, grad_outputs = [], []
+        if gate is not None:
+            if native:
+                sums, products = _native.fusion_sums(positions, grad)  # (B, C) each
+            else:
+                sums, products = grad.sum(dim=-1), (grad * positions).sum(dim=-1)
+            outputs.append(gate_graph)
+            grad_outputs.append(products.to(gate_graph.dtype))
+        else:
+            sums = grad.sum(dim=-1)  # (B, C)
+        if add_graph is not None:
+            outputs.append(add_graph)
+            grad_outputs.append(sums.to(add_graph.dtype))
         wanted = [p for p, need in zip(params, needs[4:]) if need]
         # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
         # transform graph is freed with this node.
-        grads = torch.autograd.grad(add, [leaf, *wanted], grad_add, retain_graph=True, allow_unused=True)
-        grad_context = grads[0] if grads[0] is not None else torch.zeros_like(grad_add)  # (B, C)
+        grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True, allow_unused=True)
         found = iter(grads[1:])
         grad_params = [next(found) if need else None for need in needs[4:]]
+        # Under autocast the pooled weights, the context, the gate and x may differ in dtype: run the
+        # products in x's dtype, as autocast ran the forward's.
+        dtype = positions.dtype
+        grad_context = torch.zeros_like(context) if grads[0] is None else grads[0]
+        grad_context = grad_context.to(dtype)  # (B, C)
+        gate = None if gate is None else gate.to(dtype)
+        grad = grad.to(dtype)
 
-        positions = x.flatten(2)  # (B, C, N)
-        same_layout = positions.is_contiguous() == grad.is_contiguous() and _native_layout(grad)
-        if needs[0] and same_layout and _use_native(positions):
-            grad_x, grad_key_weight, grad_key_bias = _native.attention_pool_add_backward(
-                positions, grad, key_weight.reshape(-1).contiguous(), weights, context, grad_context.contiguous()
+        if key_weight is None:  # average pooling: d context / d x_j = 1/N
+            grad_x = None
+            if needs[0]:
+                spread = (grad_context / positions.shape[-1]).unsqueeze(-1)  # (B, C, 1)
+                grad_x = grad + spread if gate is None else torch.addcmul(spread, grad, gate.unsqueeze(-1))
+                grad_x = grad_x.reshape(x.shape)
+            return (grad_x, None, None, None, *grad_params)
+
+        if needs[0] and native:
+            grad_x, grad_key_weight, grad_key_bias = _native.attention_pool_backward(
+                positions, grad, key_weight.reshape(-1).contiguous(), weights, context, grad_context.contiguous(),
+                gate, positions_per_block(positions),
             )
             return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,
                     grad_key_bias if needs[2] else None, None, *grad_params)
 
-        # Under autocast the pooled weights, the context and x may be bf16 while W_k is fp32: run
-        # the products in x's dtype, as autocast ran the forward's.
-        dtype = positions.dtype
-        grad, grad_context, weights = grad.to(dtype), grad_context.to(dtype), weights.to(dtype)
+        weights = weights.to(dtype)
         # d loss / d alpha_j = grad_context . x_j, then the softmax backward.
         grad_weights = torch.bmm(grad_context.unsqueeze(1), positions)  # (B, 1, N)
         grad_logits = weights * (grad_weights - (weights * grad_weights).sum(dim=-1, keepdim=True))
 
         grad_x = None
         if needs[0]:
-            # grad_x = grad_out + grad_context alpha^T + W_k^T grad_logits: one pass, no temporaries.
+            direct = grad if gate is None else grad * gate.unsqueeze(-1)  # (B, C, N)
+            # grad_x = direct + grad_context alpha^T + W_k^T grad_logits: one pass, no temporaries.
             left = torch.stack((grad_context, key_weight.to(dtype).expand(B, C)), dim=2)  # (B, C, 2)
             right = torch.cat((weights, grad_logits), dim=1)  # (B, 2, N)
-            if _transposed_is_dense(grad):
-                grad_x = torch.baddbmm(grad.transpose(1, 2), right.transpose(1, 2), left.transpose(1, 2))
+            if _transposed_is_dense(direct):
+                grad_x = torch.baddbmm(direct.transpose(1, 2), right.transpose(1, 2), left.transpose(1, 2))
                 grad_x = grad_x.transpose(1, 2)  # (B, C, N) in channels_last memory
             else:
-                grad_x = torch.baddbmm(grad, left, right)  # (B, C, N)
+                grad_x = torch.baddbmm(direct, left, right)  # (B, C, N)
             grad_x = grad_x.reshape(x.shape)
         grad_key_weight = None
         if needs[1]:

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from gcnet._checks import check_choice, check_input, check_positive_int
 from gcnet.blocks._checks import reduced_channels
-from gcnet.blocks._fused import AttentionPoolAdd, attention_logits, attention_pool, fused_enabled
+from gcnet.blocks._fused import ContextFusion, attention_logits, attention_pool, fuse, fused_enabled
 
 Pooling = Literal["attention", "average"]
 Fusion = Literal["add", "scale", "both"]
@@ -189,18 +189,18 @@ class GlobalContext(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)
-        if self.key is not None and self.scale_transform is None and self.add_transform is not None:
-            params = list(self.add_transform.parameters())
-            if fused_enabled(x, self.key.weight, self.key.bias, *params):
-                # Attention pooling + add: one autograd function, backward in one pass over x.
-                return AttentionPoolAdd.apply(x, self.key.weight, self.key.bias, self.add_transform, *params)
-        context = self._pool(x.flatten(2))  # (B, C)
-        broadcast = context.shape + (1,) * (x.dim() - 2)  # (B, C, 1, ...)
-        add = None if self.add_transform is None else self.add_transform(context).view(broadcast)
-        if self.scale_transform is None:
-            return x + add
-        gate = torch.sigmoid(self.scale_transform(context)).view(broadcast)
-        return x * gate if add is None else torch.addcmul(add, x, gate)
+        key = (None, None) if self.key is None else (self.key.weight, self.key.bias)
+        params = [p for t in (self.scale_transform, self.add_transform) if t is not None for p in t.parameters()]
+        if fused_enabled(x, *key, *params):
+            # The whole block as one autograd function: backward in two passes over x.
+            return ContextFusion.apply(x, *key, self._transforms, *params)
+        return fuse(x, *self._transforms(self._pool(x.flatten(2))))
+
+    def _transforms(self, context: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        """The sigmoid gate and the add term, (B, C) each, of the context (None where unused)."""
+        gate = None if self.scale_transform is None else torch.sigmoid(self.scale_transform(context))
+        add = None if self.add_transform is None else self.add_transform(context)
+        return gate, add
 
     def _width_repr(self) -> str:
         """`reduction=r`, or `hidden_channels=h` where that overrides it; `norm_eps` where not 1e-5."""

@@ -1,12 +1,14 @@
-// Attention pooling of the GC block on CPU, forward and backward, one sample per task.
+// Context pooling and fusion of the global context blocks on CPU, forward and backward.
 //
-// Cao et al., "GCNet", arXiv:1904.11492: context = sum_j alpha_j x_j, alpha = softmax_j(w . x_j + b).
-// The block is memory-bound. One thread walks one sample, in blocks of positions where that pays,
-// so that a second pass over a block of x finds it in cache:
+// Cao et al., "GCNet", arXiv:1904.11492: context = sum_j alpha_j x_j, alpha = softmax_j(w . x_j + b),
+// z = x * gate + add, with gate (B, C) and add (B, C) from the transforms of the context.
+// The blocks are memory-bound. One thread walks one sample, in blocks of P positions, so that the
+// second pass over a block of x finds it in cache; the caller chooses P from the cache sizes:
 //   forward:  logits, online softmax and the weighted sum over one read of x;
-//   backward: grad_x = grad_out + grad_context alpha^T + w grad_logits^T and
+//   backward: grad_x = grad_out * gate + grad_context alpha^T + w grad_logits^T and
 //             grad_w = sum_j grad_logits_j x_j over one read of x and grad_out and one write,
-//             with grad_logits_j = alpha_j (grad_context . x_j - grad_context . context).
+//             with grad_logits_j = alpha_j (grad_context . x_j - grad_context . context);
+//   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate.
 // x is (B, C, N) with positions contiguous (NCHW) or channels contiguous (channels_last).
 
 #include <torch/extension.h>
@@ -16,6 +18,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -28,16 +31,9 @@
 
 namespace {
 
-// Positions per block, chosen by measurement (32 x {256..2048} x {56..7}^2, 2 threads; see
-// docs/benchmarks.md). Channels-last blocks are contiguous: small ones keep the second pass in L2.
-// Positions-contiguous blocks cut every channel row into a short segment, which defeats the
-// hardware prefetcher; there only the forward of a sample larger than L2 is blocked.
-int64_t block_positions(int64_t C, int64_t N, int64_t element_size, bool channels_last, bool backward) {
-  const auto positions_in = [&](int64_t bytes) { return std::min(N, std::max<int64_t>(16, bytes / (C * element_size))); };
-  if (channels_last) return positions_in(256 * 1024);
-  if (backward || C * N * element_size <= 2 * 1024 * 1024) return N;
-  return positions_in(384 * 1024);
-}
+// Channel rows that the positions-contiguous loops read together: four streams share each pass
+// over the (block of) logits or weights, and give the dot products four independent sums.
+constexpr int64_t kRows = 4;
 
 // Online softmax over positions, one block at a time; the caller accumulates the context.
 template <typename T>
@@ -83,9 +79,18 @@ GCNET_INLINE void block_logits(const T* x, int64_t C, int64_t N, int64_t j0, int
     }
   } else {
     std::fill(logits, logits + n, b);
-    for (int64_t c = 0; c < C; ++c) {
+    int64_t c = 0;
+    for (; c + kRows <= C; c += kRows) {
+      const T* r0 = x + c * N + j0;
+      const T *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
+      const T w0 = w[c], w1 = w[c + 1], w2 = w[c + 2], w3 = w[c + 3];
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) logits[j] += w0 * r0[j] + w1 * r1[j] + w2 * r2[j] + w3 * r3[j];
+    }
+    for (; c < C; ++c) {
       const T* row = x + c * N + j0;
       const T wc = w[c];
+#pragma omp simd
       for (int64_t j = 0; j < n; ++j) logits[j] += wc * row[j];
     }
   }
@@ -100,15 +105,34 @@ GCNET_INLINE void block_accumulate(const T* x, int64_t C, int64_t N, int64_t j0,
     for (int64_t j = 0; j < n; ++j) {
       const T* row = x + (j0 + j) * C;
       const T e = weights[j];
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) context[c] += e * row[c];
     }
   } else {
-    for (int64_t c = 0; c < C; ++c) {
+    // Last rows first: block_logits read them last, so they are the likeliest still in cache.
+    for (int64_t c = C - 1; c >= C - C % kRows; --c) {
       const T* row = x + c * N + j0;
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < n; ++j) acc += weights[j] * row[j];
       context[c] = context[c] * rescale + acc;
+    }
+    for (int64_t c = C - C % kRows - kRows; c >= 0; c -= kRows) {
+      const T* r0 = x + c * N + j0;
+      const T *r1 = r0 + N, *r2 = r1 + N, *r3 = r2 + N;
+      T a0 = 0, a1 = 0, a2 = 0, a3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3)
+      for (int64_t j = 0; j < n; ++j) {
+        const T e = weights[j];
+        a0 += e * r0[j];
+        a1 += e * r1[j];
+        a2 += e * r2[j];
+        a3 += e * r3[j];
+      }
+      context[c] = context[c] * rescale + a0;
+      context[c + 1] = context[c + 1] * rescale + a1;
+      context[c + 2] = context[c + 2] * rescale + a2;
+      context[c + 3] = context[c + 3] * rescale + a3;
     }
   }
 }
@@ -128,12 +152,12 @@ GCNET_INLINE void pool_forward(const T* x, int64_t C, int64_t N, int64_t P, cons
   softmax.finish(context, C, alpha, N);
 }
 
-// grad_x = grad_out + grad_context alpha_j + w dl_j and grad_w += sum_j dl_j x_j over [j0, j0 + n);
-// alpha and dl point at the block.
-template <typename T, bool kChannelsLast>
+// grad_x = grad_out [* gate] + grad_context alpha_j + w dl_j and grad_w += sum_j dl_j x_j over
+// [j0, j0 + n); alpha and dl point at the block.
+template <typename T, bool kChannelsLast, bool kGate>
 GCNET_INLINE void block_grad_x(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t j0, int64_t n,
-                               const T* w, const T* alpha, const T* grad_context, const T* dl, T* grad_x,
-                               T* grad_w) {
+                               const T* w, const T* gate, const T* alpha, const T* grad_context, const T* dl,
+                               T* grad_x, T* grad_w) {
   if constexpr (kChannelsLast) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t offset = (j0 + j) * C;
@@ -142,23 +166,25 @@ GCNET_INLINE void block_grad_x(const T* x, const T* grad_out, int64_t C, int64_t
       T* out = grad_x + offset;
       const T a = alpha[j];
       const T d = dl[j];
+#pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
-        out[c] = g[c] + a * grad_context[c] + d * w[c];
+        out[c] = (kGate ? g[c] * gate[c] : g[c]) + a * grad_context[c] + d * w[c];
         grad_w[c] += d * row[c];
       }
     }
   } else {
-    for (int64_t c = 0; c < C; ++c) {
+    for (int64_t c = C - 1; c >= 0; --c) {  // last rows first, as in block_accumulate
       const int64_t offset = c * N + j0;
       const T* row = x + offset;
       const T* g = grad_out + offset;
       T* out = grad_x + offset;
       const T d = grad_context[c];
       const T wc = w[c];
+      const T s = kGate ? gate[c] : T(1);
       T acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t j = 0; j < n; ++j) {
-        out[j] = g[j] + d * alpha[j] + wc * dl[j];
+        out[j] = (kGate ? g[j] * s : g[j]) + d * alpha[j] + wc * dl[j];
         acc += dl[j] * row[j];
       }
       grad_w[c] += acc;
@@ -167,81 +193,172 @@ GCNET_INLINE void block_grad_x(const T* x, const T* grad_out, int64_t C, int64_t
 }
 
 // mean_term = grad_context . context; grad_logits (N) first holds grad_context . x_j.
-template <typename T, bool kChannelsLast>
+template <typename T, bool kChannelsLast, bool kGate>
 GCNET_INLINE void pool_backward(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t P, const T* w,
-                                const T* alpha, const T* grad_context, T mean_term, T* grad_x, T* grad_w,
-                                T* grad_logits) {
+                                const T* gate, const T* alpha, const T* grad_context, T mean_term, T* grad_x,
+                                T* grad_w, T* grad_logits) {
   std::fill(grad_w, grad_w + C, T(0));
   for (int64_t j0 = 0; j0 < N; j0 += P) {
     const int64_t n = std::min(P, N - j0);
     T* dl = grad_logits + j0;
     block_logits<T, kChannelsLast>(x, C, N, j0, n, grad_context, T(0), dl);
     for (int64_t j = 0; j < n; ++j) dl[j] = alpha[j0 + j] * (dl[j] - mean_term);
-    block_grad_x<T, kChannelsLast>(x, grad_out, C, N, j0, n, w, alpha + j0, grad_context, dl, grad_x, grad_w);
+    block_grad_x<T, kChannelsLast, kGate>(x, grad_out, C, N, j0, n, w, gate, alpha + j0, grad_context, dl, grad_x,
+                                          grad_w);
   }
 }
 
-#define GCNET_SAMPLE_KERNELS(T)                                                                               \
-  GCNET_CLONES void forward_sample(bool channels_last, const T* x, int64_t C, int64_t N, int64_t P,          \
-                                   const T* w, T b, T* alpha, T* context, T* weights) {                      \
-    if (channels_last)                                                                                       \
-      pool_forward<T, true>(x, C, N, P, w, b, alpha, context, weights);                                      \
-    else                                                                                                     \
-      pool_forward<T, false>(x, C, N, P, w, b, alpha, context, weights);                                     \
-  }                                                                                                          \
-  GCNET_CLONES void backward_sample(bool channels_last, const T* x, const T* grad_out, int64_t C, int64_t N,  \
-                                    int64_t P, const T* w, const T* alpha, const T* grad_context, T mean_term, \
-                                    T* grad_x, T* grad_w, T* grad_logits) {                                  \
-    if (channels_last)                                                                                       \
-      pool_backward<T, true>(x, grad_out, C, N, P, w, alpha, grad_context, mean_term, grad_x, grad_w,          \
-                             grad_logits);                                                                   \
-    else                                                                                                     \
-      pool_backward<T, false>(x, grad_out, C, N, P, w, alpha, grad_context, mean_term, grad_x, grad_w,         \
-                              grad_logits);                                                                  \
+// sums (C) = sum_j grad_out_j and products (C) = sum_j grad_out_j * x_j over one sample.
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64_t N, T* sums, T* products) {
+  if constexpr (kChannelsLast) {
+    std::fill(sums, sums + C, T(0));
+    std::fill(products, products + C, T(0));
+    for (int64_t j = 0; j < N; ++j) {
+      const T* row = x + j * C;
+      const T* g = grad_out + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        sums[c] += g[c];
+        products[c] += g[c] * row[c];
+      }
+    }
+  } else {
+    int64_t c = 0;
+    for (; c + 2 <= C; c += 2) {  // two rows: four independent sums
+      const T *x0 = x + c * N, *x1 = x0 + N;
+      const T *g0 = grad_out + c * N, *g1 = g0 + N;
+      T s0 = 0, p0 = 0, s1 = 0, p1 = 0;
+#pragma omp simd reduction(+ : s0, p0, s1, p1)
+      for (int64_t j = 0; j < N; ++j) {
+        s0 += g0[j];
+        p0 += g0[j] * x0[j];
+        s1 += g1[j];
+        p1 += g1[j] * x1[j];
+      }
+      sums[c] = s0;
+      products[c] = p0;
+      sums[c + 1] = s1;
+      products[c + 1] = p1;
+    }
+    for (; c < C; ++c) {
+      const T* row = x + c * N;
+      const T* g = grad_out + c * N;
+      T s = 0, p = 0;
+#pragma omp simd reduction(+ : s, p)
+      for (int64_t j = 0; j < N; ++j) {
+        s += g[j];
+        p += g[j] * row[j];
+      }
+      sums[c] = s;
+      products[c] = p;
+    }
+  }
+}
+
+#define GCNET_SAMPLE_KERNELS(T)                                                                                 \
+  GCNET_CLONES void forward_sample(bool channels_last, const T* x, int64_t C, int64_t N, int64_t P,            \
+                                   const T* w, T b, T* alpha, T* context, T* weights) {                        \
+    if (channels_last)                                                                                         \
+      pool_forward<T, true>(x, C, N, P, w, b, alpha, context, weights);                                        \
+    else                                                                                                       \
+      pool_forward<T, false>(x, C, N, P, w, b, alpha, context, weights);                                       \
+  }                                                                                                            \
+  GCNET_CLONES void backward_sample(bool channels_last, const T* x, const T* grad_out, int64_t C, int64_t N,    \
+                                    int64_t P, const T* w, const T* gate, const T* alpha, const T* grad_context, \
+                                    T mean_term, T* grad_x, T* grad_w, T* grad_logits) {                       \
+    if (channels_last && gate)                                                                                 \
+      pool_backward<T, true, true>(x, grad_out, C, N, P, w, gate, alpha, grad_context, mean_term, grad_x,       \
+                                   grad_w, grad_logits);                                                       \
+    else if (channels_last)                                                                                    \
+      pool_backward<T, true, false>(x, grad_out, C, N, P, w, gate, alpha, grad_context, mean_term, grad_x,      \
+                                    grad_w, grad_logits);                                                      \
+    else if (gate)                                                                                             \
+      pool_backward<T, false, true>(x, grad_out, C, N, P, w, gate, alpha, grad_context, mean_term, grad_x,      \
+                                    grad_w, grad_logits);                                                      \
+    else                                                                                                       \
+      pool_backward<T, false, false>(x, grad_out, C, N, P, w, gate, alpha, grad_context, mean_term, grad_x,     \
+                                     grad_w, grad_logits);                                                     \
+  }                                                                                                            \
+  GCNET_CLONES void sums_sample(bool channels_last, const T* x, const T* grad_out, int64_t C, int64_t N,        \
+                                T* sums, T* products) {                                                        \
+    if (channels_last)                                                                                         \
+      fusion_sums_of<T, true>(x, grad_out, C, N, sums, products);                                                 \
+    else                                                                                                       \
+      fusion_sums_of<T, false>(x, grad_out, C, N, sums, products);                                                \
   }
 
 GCNET_SAMPLE_KERNELS(float)
 GCNET_SAMPLE_KERNELS(double)
 
+constexpr const char* kName = "gcnet context kernels";
+
 // Layout of (B, C, N): positions contiguous (NCHW memory) or channels contiguous (channels_last).
 bool is_channels_last(const torch::Tensor& t) {
   if (t.is_contiguous()) return false;
-  TORCH_CHECK(t.transpose(1, 2).is_contiguous(),
-              "gcnet attention pooling: expected (B, C, N) with positions or channels contiguous, got sizes ",
-              t.sizes(), " and strides ", t.strides());
+  TORCH_CHECK(t.transpose(1, 2).is_contiguous(), kName,
+              ": expected (B, C, N) with positions or channels contiguous, got sizes ", t.sizes(), " and strides ",
+              t.strides());
   return true;
 }
 
-void check_inputs(const torch::Tensor& x, const torch::Tensor& weight) {
-  TORCH_CHECK(x.device().is_cpu(), "gcnet attention pooling: expected a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.dim() == 3, "gcnet attention pooling: expected x of shape (B, C, N), got ", x.sizes());
-  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble,
-              "gcnet attention pooling: expected float32 or float64, got ", x.scalar_type());
+void check_x(const torch::Tensor& x) {
+  TORCH_CHECK(x.device().is_cpu(), kName, ": expected a CPU tensor, got ", x.device());
+  TORCH_CHECK(x.dim() == 3, kName, ": expected x of shape (B, C, N), got ", x.sizes());
+  TORCH_CHECK(x.scalar_type() == torch::kFloat || x.scalar_type() == torch::kDouble, kName,
+              ": expected float32 or float64, got ", x.scalar_type());
+}
+
+void check_key(const torch::Tensor& x, const torch::Tensor& weight) {
   TORCH_CHECK(weight.numel() == x.size(1) && weight.is_contiguous() && weight.scalar_type() == x.scalar_type(),
-              "gcnet attention pooling: expected a contiguous key weight of ", x.size(1), " ", x.scalar_type(),
-              " values, got ", weight.sizes(), " ", weight.scalar_type());
+              kName, ": expected a contiguous key weight of ", x.size(1), " ", x.scalar_type(), " values, got ",
+              weight.sizes(), " ", weight.scalar_type());
+}
+
+// grad_out must share x's shape, dtype and layout; returns whether that layout is channels_last.
+bool check_pair(const torch::Tensor& x, const torch::Tensor& grad_out) {
+  check_x(x);
+  const bool channels_last = is_channels_last(x);
+  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
+                  is_channels_last(grad_out) == channels_last,
+              kName, ": expected grad_out laid out like x ", x.sizes(), " ", x.strides(), ", got ", grad_out.sizes(),
+              " ", grad_out.strides());
+  return channels_last;
+}
+
+void check_vectors(const char* what, const torch::Tensor& x, std::initializer_list<torch::Tensor> vectors) {
+  for (const auto& v : vectors)
+    TORCH_CHECK(v.numel() == x.size(0) * x.size(1) && v.is_contiguous() && v.scalar_type() == x.scalar_type(),
+                kName, ": expected contiguous ", what, " (B, C) = (", x.size(0), ", ", x.size(1), ") of ",
+                x.scalar_type(), ", got ", v.sizes(), " ", v.scalar_type());
+}
+
+int64_t check_block(int64_t positions_per_block, int64_t N) {
+  TORCH_CHECK(positions_per_block > 0, kName, ": expected positions_per_block > 0, got ", positions_per_block);
+  return std::min(positions_per_block, std::max<int64_t>(N, 1));
 }
 
 }  // namespace
 
 // Returns alpha (B, 1, N) and context (B, C).
 std::vector<torch::Tensor> attention_pool(const torch::Tensor& x, const torch::Tensor& weight,
-                                          const torch::Tensor& bias) {
-  check_inputs(x, weight);
-  TORCH_CHECK(bias.numel() == 1, "gcnet attention pooling: expected a key bias of one value, got ", bias.sizes());
+                                          const torch::Tensor& bias, int64_t positions_per_block) {
+  check_x(x);
+  check_key(x, weight);
+  TORCH_CHECK(bias.numel() == 1, kName, ": expected a key bias of one value, got ", bias.sizes());
   const bool channels_last = is_channels_last(x);
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
+  const int64_t P = check_block(positions_per_block, N);
   auto alpha = torch::empty({B, 1, N}, x.options());
   auto context = torch::empty({B, C}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_pool", [&] {
-    const int64_t P = block_positions(C, N, sizeof(scalar_t), channels_last, false);
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const scalar_t b = bias.item().to<scalar_t>();
     scalar_t* ap = alpha.data_ptr<scalar_t>();
     scalar_t* cp = context.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> weights(std::min(P, N));
+      std::vector<scalar_t> weights(P);
       for (int64_t i = begin; i < end; ++i)
         forward_sample(channels_last, xp + i * C * N, C, N, P, wp, b, ap + i * N, cp + i * C, weights.data());
     });
@@ -249,32 +366,30 @@ std::vector<torch::Tensor> attention_pool(const torch::Tensor& x, const torch::T
   return {alpha, context};
 }
 
-// For z = x + transform(context): grad_x (in x's layout), grad_weight (1, C) and grad_bias (1,).
-std::vector<torch::Tensor> attention_pool_add_backward(const torch::Tensor& x, const torch::Tensor& grad_out,
-                                                       const torch::Tensor& weight, const torch::Tensor& alpha,
-                                                       const torch::Tensor& context,
-                                                       const torch::Tensor& grad_context) {
-  check_inputs(x, weight);
-  const bool channels_last = is_channels_last(x);
-  TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
-                  is_channels_last(grad_out) == channels_last,
-              "gcnet attention pooling: expected grad_out laid out like x ", x.sizes(), " ", x.strides(), ", got ",
-              grad_out.sizes(), " ", grad_out.strides());
+// For z = x [* gate] + add(context): grad_x (in x's layout), grad_weight (1, C) and grad_bias (1,).
+std::vector<torch::Tensor> attention_pool_backward(const torch::Tensor& x, const torch::Tensor& grad_out,
+                                                   const torch::Tensor& weight, const torch::Tensor& alpha,
+                                                   const torch::Tensor& context, const torch::Tensor& grad_context,
+                                                   const std::optional<torch::Tensor>& gate,
+                                                   int64_t positions_per_block) {
+  const bool channels_last = check_pair(x, grad_out);
+  check_key(x, weight);
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
-  TORCH_CHECK(alpha.numel() == B * N && context.numel() == B * C && grad_context.numel() == B * C &&
-                  alpha.is_contiguous() && context.is_contiguous() && grad_context.is_contiguous(),
-              "gcnet attention pooling: expected contiguous alpha (B, 1, N), context and grad_context (B, C) for ",
-              "B=", B, ", C=", C, ", N=", N, "; got ", alpha.sizes(), ", ", context.sizes(), ", ", grad_context.sizes());
+  const int64_t P = check_block(positions_per_block, N);
+  TORCH_CHECK(alpha.numel() == B * N && alpha.is_contiguous() && alpha.scalar_type() == x.scalar_type(), kName,
+              ": expected contiguous alpha (B, 1, N) = (", B, ", 1, ", N, "), got ", alpha.sizes());
+  check_vectors("context and grad_context", x, {context, grad_context});
+  if (gate) check_vectors("gate", x, {*gate});
   auto grad_x = channels_last ? torch::empty({B, N, C}, x.options()).transpose(1, 2)
                               : torch::empty({B, C, N}, x.options());
   auto grad_w = torch::empty({B, C}, x.options());
   auto grad_logits = torch::empty({B, N}, x.options());
   auto mean_terms = (grad_context * context).sum(1);  // (B,)
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_pool_add_backward", [&] {
-    const int64_t P = block_positions(C, N, sizeof(scalar_t), channels_last, true);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_pool_backward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
+    const scalar_t* sp = gate ? gate->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* ap = alpha.const_data_ptr<scalar_t>();
     const scalar_t* dcp = grad_context.const_data_ptr<scalar_t>();
     const scalar_t* mp = mean_terms.const_data_ptr<scalar_t>();
@@ -283,16 +398,40 @@ std::vector<torch::Tensor> attention_pool_add_backward(const torch::Tensor& x, c
     scalar_t* dlp = grad_logits.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        backward_sample(channels_last, xp + i * C * N, gp + i * C * N, C, N, P, wp, ap + i * N, dcp + i * C, mp[i],
-                        gxp + i * C * N, gwp + i * C, dlp + i * N);
+        backward_sample(channels_last, xp + i * C * N, gp + i * C * N, C, N, P, wp, sp ? sp + i * C : nullptr,
+                        ap + i * N, dcp + i * C, mp[i], gxp + i * C * N, gwp + i * C, dlp + i * N);
     });
   });
   return {grad_x, grad_w.sum(0, true), grad_logits.sum().reshape({1})};
 }
 
+// sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C): what a fusion's add and gate receive.
+std::vector<torch::Tensor> fusion_sums(const torch::Tensor& x, const torch::Tensor& grad_out) {
+  const bool channels_last = check_pair(x, grad_out);
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
+  auto sums = torch::empty({B, C}, x.options());
+  auto products = torch::empty({B, C}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusion_sums", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    scalar_t* sp = sums.data_ptr<scalar_t>();
+    scalar_t* pp = products.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        sums_sample(channels_last, xp + i * C * N, gp + i * C * N, C, N, sp + i * C, pp + i * C);
+    });
+  });
+  return {sums, products};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "gcnet CPU kernels: attention pooling of the GC block";
-  m.def("attention_pool", &attention_pool, "alpha (B, 1, N), context (B, C) from x (B, C, N)");
-  m.def("attention_pool_add_backward", &attention_pool_add_backward,
-        "grad_x, grad_weight (1, C), grad_bias (1,) of attention pooling fused with an add");
+  m.doc() = "gcnet CPU kernels: attention pooling and fusion gradients of the global context blocks";
+  m.def("attention_pool", &attention_pool, "alpha (B, 1, N), context (B, C) from x (B, C, N)", py::arg("x"),
+        py::arg("weight"), py::arg("bias"), py::arg("positions_per_block"));
+  m.def("attention_pool_backward", &attention_pool_backward,
+        "grad_x, grad_weight (1, C), grad_bias (1,) of attention pooling fused with x [* gate] + add",
+        py::arg("x"), py::arg("grad_out"), py::arg("weight"), py::arg("alpha"), py::arg("context"),
+        py::arg("grad_context"), py::arg("gate"), py::arg("positions_per_block"));
+  m.def("fusion_sums", &fusion_sums, "sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C)", py::arg("x"),
+        py::arg("grad_out"));
 }
