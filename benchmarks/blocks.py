@@ -367,6 +367,52 @@ def format_result(result: dict) -> str:
     return f"#### {title}\n\n{markdown_table(header, table)}\n"
 
 
+def _row(result: dict, prefix: str) -> dict | None:
+    return next((r for r in result["rows"] if r["case"].startswith(prefix)), None)
+
+
+def _speedup(result: dict, slow: str, fast: str, key: str) -> str:
+    """slow row's time / fast row's time, e.g. how much faster the CPU kernels are than the PyTorch ops."""
+    a, b = _row(result, slow), _row(result, fast)
+    return "-" if a is None or b is None else ratio(a[key] / b[key])
+
+
+def format_summary(results: list[dict]) -> str:
+    """The ratios the targets name, one row per shape (docs/benchmarks.md keeps these tables)."""
+    out = []
+    gc = [r for r in results if r["suite"] == "gc"]
+    if gc:
+        header = ["shape", "GC fwd / floor", "GC fwd+bwd / floor fwd", "kernels vs PyTorch ops fwd, fwd+bwd",
+                  "timm fwd+bwd / GC", "SE fwd+bwd / floor fwd", "SE kernels vs PyTorch ops fwd+bwd"]
+        table = []
+        for result in gc:
+            floor, block, se = (_row(result, name) for name in ("floor", "gcnet GC r16", "gcnet SE r16"))
+            table.append([
+                result["shape"], ratio(block["fwd_ms"] / floor["fwd_ms"]), ratio(block["fb_ms"] / floor["fwd_ms"]),
+                _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fwd_ms") + ", "
+                + _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fb_ms"),
+                _speedup(result, "timm", "gcnet GC r16", "fb_ms"), ratio(se["fb_ms"] / floor["fwd_ms"]),
+                _speedup(result, "gcnet SE, PyTorch", "gcnet SE r16", "fb_ms"),
+            ])
+        out.append(markdown_table(header, table))
+    nl = [r for r in results if r["suite"] == "nl"]
+    if nl:
+        header = ["shape", "naive fwd / NL", "naive fwd+bwd / NL", "NL peak fwd, fwd+bwd (% of naive)"]
+        table = []
+        for result in nl:
+            block, naive = _row(result, "gcnet NL"), _row(result, "naive NL")
+            peaks = "-"
+            measured = [row[k] for row in (block, naive) for k in ("peak_fwd_mib", "peak_fb_mib")]
+            if all(isinstance(v, (int, float)) for v in measured):
+                peaks = ", ".join(
+                    f"{block[k]:.0f} MiB ({100 * block[k] / naive[k]:.1f}%)" for k in ("peak_fwd_mib", "peak_fb_mib")
+                )
+            table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd_ms"),
+                          _speedup(result, "naive NL", "gcnet NL", "fb_ms"), peaks])
+        out.append(markdown_table(header, table))
+    return "\n\n".join(out) + "\n"
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -417,6 +463,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         result = bench_shape(suite, shape, rounds, memory, args.compile and suite == "gc", args.quick, evict)
         results.append(result)
         print(format_result(result), flush=True)
+    if results:
+        print("#### Summary\n\n" + format_summary(results), flush=True)
     if args.json:
         write_json(args.json, run_info, results=results)
     return results

@@ -25,6 +25,8 @@ def test_block_benchmarks_report_every_case() -> None:
         assert all(row["fwd_ms"] > 0 and row["fb_ms"] > 0 for row in result["rows"])
         # The cases sharing weights (gcnet, its composite path, naive, timm) compute the same function.
         assert result["max_abs_diff"] < 1e-4
+    summary = blocks.format_summary(results)  # one row of target ratios per shape
+    assert all(f"| {result['shape']} | " in summary for result in results)
 
 
 def test_peak_memory_is_measured_in_a_fresh_process() -> None:
