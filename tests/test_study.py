@@ -45,3 +45,32 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
     assert half == pytest.approx(4.303 * statistics.stdev(differences) / math.sqrt(3))
     assert paired_difference({0: 1.0}, {0: 2.0}) is None
     assert "not run yet" in summary_table(load_results(Path("/nonexistent")))
+
+
+def test_nl_runs_are_analysed_converted_and_fine_tuned(tmp_path: Path) -> None:
+    data = tmp_path / "cifar"
+    for split in ("train", "test"):
+        make_image_folder(data / split, classes=3, per_class=8, size=32)
+    results, work = tmp_path / "results", tmp_path / "work"
+    smoke = [a for o in SMOKE for a in ("--set", o)]
+    assert main(["run", "--results", str(results), "--work", str(work), "--data", str(data), "--epochs", "1",
+                 "--seeds", "0", "--variants", "nl", *smoke]) == 0
+    argv = ["nl", "--results", str(results), "--work", str(work), "--seeds", "0", "1", "--batch-size", "8",
+            "--latency-batch", "4", *smoke]
+    assert main(argv) == 0
+    assert sorted(p.name for p in (results / "conversion").glob("*.json")) == ["nl_seed0.json"]  # seed 1 never ran
+    result = json.loads((results / "conversion" / "nl_seed0.json").read_text())
+    assert set(result["test_top1"]) == {"original", "converted", "finetuned_1_epoch"}
+    assert all(0 <= v <= 100 for v in result["test_top1"].values()) and result["test_images"] == 24
+    assert result["macs"]["converted"] < result["macs"]["original"]
+    assert set(result["latency_ms"]) == {"original", "converted"}
+    trained, init = result["query_statistics"]["trained"], result["query_statistics"]["init"]
+    assert set(trained) == set(init) and len(trained) == 2  # one NL block in each of stages 2 and 3
+    assert all(0 <= block["attention"] <= 2 for block in trained.values())
+    assert (work / "nl_seed0_finetune" / "summary.json").is_file()
+    assert (results / "conversion" / "nl_seed0_statistics.png").stat().st_size > 5_000
+    table = (results / "conversion" / "summary.md").read_text()
+    assert table.startswith("| seed | NL top-1 |") and "| 0 | " in table
+    stamp = (results / "conversion" / "nl_seed0.json").stat().st_mtime_ns
+    assert main(argv) == 0  # converted runs are skipped
+    assert (results / "conversion" / "nl_seed0.json").stat().st_mtime_ns == stamp

@@ -2,6 +2,7 @@
 
     python -m gcnet.study run --results results/cifar10 --seeds 0 1 2 --parallel 2
     python -m gcnet.study summary --results results/cifar10
+    python -m gcnet.study nl --results results/cifar10     # NL runs: query statistics, NL -> SNL conversion
 
 Every (variant, seed) run is a `gcnet train` child process (config `cifar10_resnet20`, one thread)
 in `--work`; a run that finishes writes one small JSON into `--results`, a folder meant to be
@@ -132,6 +133,139 @@ def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[
     return done
 
 
+# The trained NL blocks become SNL blocks at the same places (`gcnet convert-nl`), then fine-tune for
+# one epoch at the learning rate the cosine schedule had reached in its last epochs.
+CONVERTED = {"nonlocal_blocks": {"indices": [[], [1], [1]], "block": "snl"}}
+FINETUNE_LR = 1e-3
+
+
+def _query_statistics(model: Any, inputs: list[Any]) -> dict[str, dict[str, float]]:
+    from gcnet.analysis.attention import attention_maps
+    from gcnet.analysis.statistics import QueryStatistics
+
+    running = QueryStatistics()
+    model.eval()
+    for batch in inputs:
+        running.update(attention_maps(model, batch))
+    return running.summary()
+
+
+def _latency_ms(models: dict[str, Any], batch: Any, rounds: int = 10) -> dict[str, float]:
+    """Median forward time (no_grad, eval, one thread) of each model on `batch`, interleaved."""
+    import torch
+
+    times: dict[str, list[float]] = {name: [] for name in models}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            for index in range(rounds + 2):
+                for name, model in models.items():
+                    start = time.perf_counter()
+                    model.eval()(batch)
+                    if index >= 2:
+                        times[name].append((time.perf_counter() - start) * 1e3)
+    finally:
+        torch.set_num_threads(threads)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def convert_nl(work: Path, results: Path, seed: int, batches: int = 4, batch_size: int = 32,
+               latency_batch: int = 128, extra: list[str] | None = None) -> Path | None:
+    """Issue 15's NL analysis of the trained run nl_seed<k>: query statistics trained and at init,
+    conversion to SNL (before, after, after one fine-tuning epoch), MACs and latency.
+
+    Writes `results/conversion/nl_seed<k>.json` and a statistics figure; None if the run has not finished.
+    """
+    import itertools
+
+    import torch
+
+    from gcnet.analysis.figures import plot_statistics
+    from gcnet.analysis.nl_to_gc import convert_checkpoint
+    from gcnet.analysis.report import batches_of
+    from gcnet.builder import build_model, load_trained
+
+    name = run_name("nl", seed)
+    run_dir = work / name
+    if not (results / f"{name}.json").is_file() or not (run_dir / "summary.json").is_file():
+        return None
+    trained = load_trained(run_dir)
+    config = trained.config
+    inputs = list(itertools.islice(batches_of(trained.eval_dataset(config.data.test), batch_size), batches))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        initial = build_model(config, trained.checkpoint.state.get("num_classes"))
+    stats = {"trained": _query_statistics(trained.model, inputs), "init": _query_statistics(initial, inputs)}
+
+    converted_dir = work / f"{name}_converted"
+    report = convert_checkpoint(run_dir, config.data.test, converted_dir, batches=batches, batch_size=batch_size)
+    finetune_dir = work / f"{name}_finetune"
+    command = [sys.executable, "-m", "gcnet.cli", "train", CONFIG,
+               "--set", f"train.out_dir={finetune_dir}", "--set", f"train.seed={seed}", "--set", "train.epochs=1",
+               "--set", "train.threads=1", "--set", "train.progress=false",
+               "--set", f"data.train={config.data.train}", "--set", f"data.test={config.data.test}",
+               "--set", f"model.nonlocal_blocks={json.dumps(CONVERTED['nonlocal_blocks'])}",
+               "--set", f"model.weights={converted_dir / 'converted.safetensors'}",
+               "--set", "model.weights_source=gcnet", "--set", f"optim.lr={FINETUNE_LR}",
+               "--set", "schedule.warmup_epochs=0", *[a for o in extra or [] for a in ("--set", o)], "--overwrite"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    with (work / f"{name}_finetune.log").open("a") as log:
+        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+    finetuned = json.loads((finetune_dir / "summary.json").read_text())
+    snl = load_trained(finetune_dir).model
+    size = config.data.image_size
+    latency = _latency_ms({"original": trained.model, "converted": snl}, torch.randn(latency_batch, 3, size, size))
+
+    out = results / "conversion"
+    out.mkdir(parents=True, exist_ok=True)
+    plot_statistics({f"{when}: {block}": values for when, summary in stats.items() for block, values in summary.items()},
+                    out / f"{name}_statistics.png")
+    result = {
+        "seed": seed, "test_images": report["samples"],
+        "test_top1": {"original": report["top1"]["original"], "converted": report["top1"]["converted"],
+                      "finetuned_1_epoch": finetuned["test"]["top1"]},
+        "macs": report["macs"], "latency_ms": latency, "latency_batch": latency_batch, "latency_threads": 1,
+        "fit": report["blocks"], "calibration": {"source": report["calibration"], "batches": batches,
+                                                  "batch_size": batch_size},
+        "finetune": {"epochs": 1, "lr": FINETUNE_LR, "schedule": "cosine, no warm-up"},
+        "query_statistics": stats, "statistics_inputs": sum(len(b) for b in inputs),
+        "cpu": cpu_model(), "finished": time.strftime("%Y-%m-%d %H:%M"),
+    }
+    path = out / f"{name}.json"
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
+    return path
+
+
+def conversion_table(results: Path) -> str:
+    """Markdown: per converted run, test top-1 before / after / after fine-tuning, MACs and latency,
+    and the trained vs initial query statistics of every NL block."""
+    rows = [json.loads(p.read_text()) for p in sorted((results / "conversion").glob("nl_seed*.json"))]
+    if not rows:
+        return "No NL run converted yet."
+    lines = ["| seed | NL top-1 | converted, no retraining | + 1 epoch fine-tuning | MACs NL -> SNL | "
+             "latency ms NL -> SNL (batch, 1 thread) |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        top1, macs, ms = r["test_top1"], r["macs"], r["latency_ms"]
+        lines.append(f"| {r['seed']} | {top1['original']:.2f} | {top1['converted']:.2f} | "
+                     f"{top1['finetuned_1_epoch']:.2f} | {macs['original'] / 1e6:.2f}M -> "
+                     f"{macs['converted'] / 1e6:.2f}M | {ms['original']:.1f} -> {ms['converted']:.1f} "
+                     f"({r['latency_batch']}) |")
+    lines += ["", "| seed | block | cosine distance of maps, trained (init) | JS of maps, trained (init) | "
+              "outputs, trained (init) |", "|---|---|---|---|---|"]
+
+    def cell(value: float) -> str:
+        return "n/a" if value is None or math.isnan(value) else f"{value:.3f}"
+
+    for r in rows:
+        trained, init = r["query_statistics"]["trained"], r["query_statistics"]["init"]
+        for block in trained:
+            t, i = trained[block], init[block]
+            lines.append(f"| {r['seed']} | {block} | {cell(t['attention'])} ({cell(i['attention'])}) | "
+                         f"{cell(t['js'])} ({cell(i['js'])}) | {cell(t['output'])} ({cell(i['output'])}) |")
+    return "\n".join(lines)
+
+
 def load_results(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
     """{variant: {seed: result}} of every JSON in the folder."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
@@ -213,9 +347,28 @@ def main(argv: list[str] | None = None) -> int:
                     help="further config overrides for every run (smoke runs)")
     show = commands.add_parser("summary", help="table and figure of the results folder")
     show.add_argument("--results", type=Path, default=Path("results/cifar10"))
+    nl = commands.add_parser("nl", help="query statistics and NL -> SNL conversion of the finished NL runs")
+    nl.add_argument("--results", type=Path, default=Path("results/cifar10"))
+    nl.add_argument("--work", type=Path, default=Path("outputs/study"))
+    nl.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    nl.add_argument("--batch-size", type=int, default=32, help="inputs per statistics/calibration batch")
+    nl.add_argument("--latency-batch", type=int, default=128)
+    nl.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="further config overrides for the fine-tuning run (smoke runs)")
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.work, args.results, args.data, args.variants, args.seeds, args.epochs, args.parallel, args.extra)
+    if args.command == "nl":
+        for seed in args.seeds:
+            done = (args.results / "conversion" / f"{run_name('nl', seed)}.json").is_file()
+            path = None if done else convert_nl(args.work, args.results, seed, batch_size=args.batch_size,
+                                                latency_batch=args.latency_batch, extra=args.extra)
+            print(run_name("nl", seed), "already converted" if done else path or "not finished yet", flush=True)
+        table = conversion_table(args.results)
+        print(table)
+        if (args.results / "conversion").is_dir():
+            (args.results / "conversion" / "summary.md").write_text(table + "\n")
+        return 0
     results = load_results(args.results)
     table = summary_table(results)
     print(table)
