@@ -388,7 +388,8 @@ def format_summary(results: list[dict]) -> str:
         for result in gc:
             floor, block, se = (_row(result, name) for name in ("floor", "gcnet GC r16", "gcnet SE r16"))
             table.append([
-                result["shape"], ratio(block["fwd_ms"] / floor["fwd_ms"]), ratio(block["fb_ms"] / floor["fwd_ms"]),
+                result["shape"], ratio(block["fwd_ms"] / floor["fwd_ms"]),
+                ratio(block["fb_ms"] / floor["fwd_ms"]),
                 _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fwd_ms") + ", "
                 + _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fb_ms"),
                 _speedup(result, "timm", "gcnet GC r16", "fb_ms"), ratio(se["fb_ms"] / floor["fwd_ms"]),
@@ -404,9 +405,8 @@ def format_summary(results: list[dict]) -> str:
             peaks = "-"
             measured = [row[k] for row in (block, naive) for k in ("peak_fwd_mib", "peak_fb_mib")]
             if all(isinstance(v, (int, float)) for v in measured):
-                peaks = ", ".join(
-                    f"{block[k]:.0f} MiB ({100 * block[k] / naive[k]:.1f}%)" for k in ("peak_fwd_mib", "peak_fb_mib")
-                )
+                peaks = ", ".join(f"{block[k]:.0f} MiB ({100 * block[k] / naive[k]:.1f}%)"
+                                  for k in ("peak_fwd_mib", "peak_fb_mib"))
             table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd_ms"),
                           _speedup(result, "naive NL", "gcnet NL", "fb_ms"), peaks])
         out.append(markdown_table(header, table))

@@ -16,7 +16,7 @@ SMOKE = ["data.batch_size=8", "data.eval_batch_size=16", "data.workers=0", "data
          "train.max_steps_per_epoch=2", "train.checkpoint_every_steps=0", "train.plot=false"]
 
 
-def test_grid_writes_one_result_per_run_a_later_sitting_skips_them_and_nl_runs_convert(tmp_path: Path) -> None:
+def test_grid_writes_results_a_later_sitting_skips_them_and_nl_runs_convert(tmp_path: Path) -> None:
     data = tmp_path / "cifar"
     for split in ("train", "test"):
         make_image_folder(data / split, classes=3, per_class=8, size=32)
@@ -41,7 +41,8 @@ def test_grid_writes_one_result_per_run_a_later_sitting_skips_them_and_nl_runs_c
     argv = ["nl", "--results", str(results), "--work", str(work), "--seeds", "0", "2", "--batch-size", "8",
             "--latency-batch", "4", *smoke]
     assert main(argv) == 0
-    assert sorted(p.name for p in (results / "conversion").glob("*.json")) == ["nl_seed0.json"]  # seed 2 never ran
+    converted = sorted(p.name for p in (results / "conversion").glob("*.json"))
+    assert converted == ["nl_seed0.json"]  # seed 2 never ran
     result = json.loads((results / "conversion" / "nl_seed0.json").read_text())
     assert set(result["test_top1"]) == {"original", "converted", "finetuned_1_epoch"}
     assert all(0 <= v <= 100 for v in result["test_top1"].values()) and result["test_images"] == 24

@@ -50,20 +50,33 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_seed{seed}"
 
 
+def train_command(out_dir: Path, seed: int, epochs: int, train: Path | str, test: Path | str,
+                  settings: dict[str, Any], extra: list[str] | None = None) -> list[str]:
+    """`gcnet train` of the study's config on one thread with `settings` (key -> value) and `extra`."""
+    command = [sys.executable, "-m", "gcnet.cli", "train", CONFIG,
+               "--set", f"train.out_dir={out_dir}", "--set", f"train.seed={seed}",
+               "--set", f"train.epochs={epochs}", "--set", "train.threads=1", "--set", "train.progress=false",
+               "--set", f"data.train={train}", "--set", f"data.test={test}"]
+    for key, value in settings.items():
+        command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    for override in extra or []:
+        command += ["--set", override]
+    return command
+
+
+def child_environment() -> dict[str, str]:
+    """One OpenMP thread per child, and no spinning while it waits."""
+    return dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+
+
 def run_command(work: Path, variant: str, seed: int, epochs: int, data: Path,
                 extra: list[str] | None = None) -> list[str]:
     """The `gcnet train` command of one run (--resume when it has a checkpoint, else --overwrite)."""
-    command = [sys.executable, "-m", "gcnet.cli", "train", CONFIG,
-               "--set", f"train.out_dir={work / run_name(variant, seed)}", "--set", f"train.seed={seed}",
-               "--set", f"train.epochs={epochs}", "--set", "train.threads=1", "--set", "train.progress=false",
-               "--set", f"data.train={data / 'train'}", "--set", f"data.test={data / 'test'}"]
-    for key, value in VARIANTS[variant].items():
-        command += ["--set", f"model.{key}={json.dumps(value)}"]
-    for override in extra or []:
-        command += ["--set", override]
+    settings = {f"model.{key}": value for key, value in VARIANTS[variant].items()}
+    out_dir = work / run_name(variant, seed)
+    command = train_command(out_dir, seed, epochs, data / "train", data / "test", settings, extra)
     # Continue from the last checkpoint; a run that died before its first one starts over.
-    command.append("--resume" if has_checkpoint(work / run_name(variant, seed)) else "--overwrite")
-    return command
+    return command + ["--resume" if has_checkpoint(out_dir) else "--overwrite"]
 
 
 def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
@@ -111,7 +124,7 @@ def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[
         if record(work, results, variant, seed) is not None:
             queue.remove((variant, seed))
     running: list[tuple[subprocess.Popen, str, int]] = []
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    env = child_environment()
     done = 0
     while queue or running:
         while queue and len(running) < parallel:
@@ -158,11 +171,13 @@ def _latency_ms(models: dict[str, Any], batch: Any, rounds: int = 10) -> dict[st
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
+        for model in models.values():
+            model.eval()
         with torch.no_grad():
             for index in range(rounds + 2):
                 for name, model in models.items():
                     start = time.perf_counter()
-                    model.eval()(batch)
+                    model(batch)
                     if index >= 2:
                         times[name].append((time.perf_counter() - start) * 1e3)
     finally:
@@ -199,28 +214,27 @@ def convert_nl(work: Path, results: Path, seed: int, batches: int = 4, batch_siz
     stats = {"trained": _query_statistics(trained.model, inputs), "init": _query_statistics(initial, inputs)}
 
     converted_dir = work / f"{name}_converted"
-    report = convert_checkpoint(run_dir, config.data.test, converted_dir, batches=batches, batch_size=batch_size)
+    report = convert_checkpoint(run_dir, config.data.test, converted_dir, batches=batches,
+                                batch_size=batch_size)
     finetune_dir = work / f"{name}_finetune"
-    command = [sys.executable, "-m", "gcnet.cli", "train", CONFIG,
-               "--set", f"train.out_dir={finetune_dir}", "--set", f"train.seed={seed}", "--set", "train.epochs=1",
-               "--set", "train.threads=1", "--set", "train.progress=false",
-               "--set", f"data.train={config.data.train}", "--set", f"data.test={config.data.test}",
-               "--set", f"model.nonlocal_blocks={json.dumps(CONVERTED['nonlocal_blocks'])}",
-               "--set", f"model.weights={converted_dir / 'converted.safetensors'}",
-               "--set", "model.weights_source=gcnet", "--set", f"optim.lr={FINETUNE_LR}",
-               "--set", "schedule.warmup_epochs=0", *[a for o in extra or [] for a in ("--set", o)], "--overwrite"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", OMP_WAIT_POLICY="PASSIVE")
+    settings = {f"model.{key}": value for key, value in CONVERTED.items()} | {
+        "model.weights": str(converted_dir / "converted.safetensors"), "model.weights_source": "gcnet",
+        "optim.lr": FINETUNE_LR, "schedule.warmup_epochs": 0}
+    command = train_command(finetune_dir, seed, 1, config.data.train, config.data.test, settings, extra)
     with (work / f"{name}_finetune.log").open("a") as log:
-        subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, check=True)
+        subprocess.run(command + ["--overwrite"], stdout=log, stderr=subprocess.STDOUT,
+                       env=child_environment(), check=True)
     finetuned = json.loads((finetune_dir / "summary.json").read_text())
     snl = load_trained(finetune_dir).model
     size = config.data.image_size
-    latency = _latency_ms({"original": trained.model, "converted": snl}, torch.randn(latency_batch, 3, size, size))
+    example = torch.randn(latency_batch, 3, size, size)
+    latency = _latency_ms({"original": trained.model, "converted": snl}, example)
 
     out = results / "conversion"
     out.mkdir(parents=True, exist_ok=True)
-    plot_statistics({f"{when}: {block}": values for when, summary in stats.items() for block, values in summary.items()},
-                    out / f"{name}_statistics.png")
+    both = {f"{when}: {block}": values for when, summary in stats.items()
+            for block, values in summary.items()}
+    plot_statistics(both, out / f"{name}_statistics.png")
     result = {
         "seed": seed, "test_images": report["samples"],
         "test_top1": {"original": report["top1"]["original"], "converted": report["top1"]["converted"],
@@ -287,8 +301,8 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> t
 
 def summary_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
     """Markdown table of the study: accuracy over seeds, paired difference from `none`, cost."""
-    lines = ["| block | seeds | test top-1 (%) mean ± std | per seed | vs none (paired, 95% CI) | params | MMACs "
-             "| train img/s (1 thread, fastest epoch) |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+    lines = ["| block | seeds | test top-1 (%) mean ± std | per seed | vs none (paired, 95% CI) | params "
+             "| MMACs | train img/s (1 thread, fastest epoch) |", "|---|---:|---:|---|---:|---:|---:|---:|"]
     base = {s: r["test_top1"] for s, r in results.get(BASELINE, {}).items()}
     for variant in VARIANTS:
         runs = results.get(variant, {})
@@ -363,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
             done = (args.results / "conversion" / f"{run_name('nl', seed)}.json").is_file()
             path = None if done else convert_nl(args.work, args.results, seed, batch_size=args.batch_size,
                                                 latency_batch=args.latency_batch, extra=args.extra)
-            print(run_name("nl", seed), "already converted" if done else path or "not finished yet", flush=True)
+            state = "already converted" if done else path or "not finished yet"
+            print(run_name("nl", seed), state, flush=True)
         table = conversion_table(args.results)
         print(table)
         if (args.results / "conversion").is_dir():

@@ -126,7 +126,8 @@ def test_every_block_size_computes_the_same(channels_last: bool, gate: bool) -> 
     results = []
     for block in (1, 5, 16, N, 1000):
         alpha, context = _fused._native.attention_pool(x, weight, bias, block)
-        grads = _fused._native.attention_pool_backward(x, grad_out, weight, alpha, context, grad_context, scale, block)
+        grads = _fused._native.attention_pool_backward(
+            x, grad_out, weight, alpha, context, grad_context, scale, block)
         results.append([alpha, context, *grads])
     logits = torch.einsum("c,bcn->bn", weight, x) + bias
     torch.testing.assert_close(results[0][0], logits.softmax(-1).unsqueeze(1), rtol=1e-12, atol=1e-12)
@@ -211,7 +212,8 @@ def test_kernels_name_what_they_expect() -> None:
     x = torch.randn(2, 8, 6)
     weight, bias = torch.randn(8), torch.zeros(1)
     with pytest.raises(RuntimeError, match="positions or channels contiguous"):
-        _fused._native.attention_pool(torch.randn(2, 6, 8, 3)[..., 0].transpose(1, 2)[:, :, ::2], weight, bias, 6)
+        strided = torch.randn(2, 6, 8, 3)[..., 0].transpose(1, 2)[:, :, ::2]
+        _fused._native.attention_pool(strided, weight, bias, 6)
     with pytest.raises(RuntimeError, match="float32 or float64"):
         _fused._native.attention_pool(x.half(), weight.half(), bias, 6)
     with pytest.raises(RuntimeError, match="key weight of 8"):

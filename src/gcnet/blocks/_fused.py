@@ -111,7 +111,9 @@ def _use_native(positions: Tensor) -> bool:
 
 
 def _same_layout(positions: Tensor, grad: Tensor) -> bool:
-    return positions.is_contiguous() == grad.is_contiguous() and _native_layout(grad)
+    """grad_out as the kernels take it with x: same dtype, same dense layout."""
+    same = grad.dtype == positions.dtype and positions.is_contiguous() == grad.is_contiguous()
+    return same and _native_layout(grad)
 
 
 @functools.cache
@@ -249,7 +251,8 @@ class ContextFusion(torch.autograd.Function):
         wanted = [p for p, need in zip(params, needs[4:]) if need]
         # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
         # transform graph is freed with this node.
-        grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True, allow_unused=True)
+        grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True,
+                                    allow_unused=True)
         found = iter(grads[1:])
         grad_params = [next(found) if need else None for need in needs[4:]]
         # Under autocast the pooled weights, the context, the gate and x may differ in dtype: run the
@@ -270,8 +273,8 @@ class ContextFusion(torch.autograd.Function):
 
         if needs[0] and native:
             grad_x, grad_key_weight, grad_key_bias = _native.attention_pool_backward(
-                positions, grad, key_weight.reshape(-1).contiguous(), weights, context, grad_context.contiguous(),
-                gate, positions_per_block(positions),
+                positions, grad, key_weight.reshape(-1).contiguous(), weights, context,
+                grad_context.contiguous(), gate, positions_per_block(positions),
             )
             return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,
                     grad_key_bias if needs[2] else None, None, *grad_params)

@@ -190,7 +190,8 @@ class GlobalContext(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)
         key = (None, None) if self.key is None else (self.key.weight, self.key.bias)
-        params = [p for t in (self.scale_transform, self.add_transform) if t is not None for p in t.parameters()]
+        transforms = [t for t in (self.scale_transform, self.add_transform) if t is not None]
+        params = [p for t in transforms for p in t.parameters()]
         if fused_enabled(x, *key, *params):
             # The whole block as one autograd function: backward in two passes over x.
             return ContextFusion.apply(x, *key, self._transforms, *params)
