@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from gcnet.study import load_results, main, paired_difference, summary_table
 from tests.engine.tiny import make_image_folder
@@ -36,8 +38,13 @@ def test_grid_writes_results_a_later_sitting_skips_them_and_nl_runs_convert(tmp_
     table = (results / "summary.md").read_text()
     assert "| nl | 2 |" in table and "(n=2)" in table and "| snl | 0 | not run yet |" in table
     assert (results / "summary.png").stat().st_size > 5_000
+    kept = sorted(p.name for p in (results / "checkpoints").iterdir())
+    assert kept == ["nl_seed0", "nl_seed1"]  # only the NL runs keep their weights, without optimizer state
+    assert "optimizer" not in torch.load(results / "checkpoints" / "nl_seed0" / "state.pt", weights_only=True)
 
-    # The NL runs: query statistics, conversion to SNL, one fine-tuning epoch, latency.
+    # The NL runs: query statistics, conversion to SNL, one fine-tuning epoch, latency, from the
+    # results folder alone (the work folder stayed on another machine).
+    shutil.rmtree(work)
     argv = ["nl", "--results", str(results), "--work", str(work), "--seeds", "0", "2", "--batch-size", "8",
             "--latency-batch", "4", *smoke]
     assert main(argv) == 0
@@ -52,12 +59,22 @@ def test_grid_writes_results_a_later_sitting_skips_them_and_nl_runs_convert(tmp_
     assert set(trained) == set(init) and len(trained) == 2  # one NL block in each of stages 2 and 3
     assert all(0 <= block["attention"] <= 2 for block in trained.values())
     assert (work / "nl_seed0_finetune" / "summary.json").is_file()
+    assert not (work / "nl_seed0").exists()
     assert (results / "conversion" / "nl_seed0_statistics.png").stat().st_size > 5_000
     table = (results / "conversion" / "summary.md").read_text()
     assert table.startswith("| seed | NL top-1 |") and "| 0 | " in table
     stamp = (results / "conversion" / "nl_seed0.json").stat().st_mtime_ns
     assert main(argv) == 0  # converted runs are skipped
     assert (results / "conversion" / "nl_seed0.json").stat().st_mtime_ns == stamp
+
+    # A recorded NL run whose kept weights were lost runs again; the others stay skipped.
+    shutil.rmtree(results / "checkpoints" / "nl_seed1")
+    stamps = {p.name: p.stat().st_mtime_ns for p in results.glob("*_seed*.json")}
+    assert main(["run", "--results", str(results), "--work", str(work), "--data", str(data), "--epochs", "1",
+                 "--seeds", "0", "1", "--variants", "none", "nl", *smoke]) == 0
+    assert (results / "checkpoints" / "nl_seed1" / "model.safetensors").is_file()
+    changed = {p.name for p in results.glob("*_seed*.json") if p.stat().st_mtime_ns != stamps[p.name]}
+    assert changed == {"nl_seed1.json"}
 
 
 def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:

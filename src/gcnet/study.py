@@ -8,6 +8,8 @@ Every (variant, seed) run is a `gcnet train` child process (config `cifar10_resn
 in `--work`; a run that finishes writes one small JSON into `--results`, a folder meant to be
 committed. A later `run` on any machine skips the runs whose JSON exists and resumes the others
 from their last checkpoint if their work folder survived, so the grid can span many sittings.
+The NL runs also keep their trained weights in `--results` (`checkpoints/`, ~1 MB each), which the
+`nl` analysis reads, so it too works on a machine that lacks the work folder.
 `summary` turns the folder into a table (mean and standard deviation of test top-1, the paired
 per-seed difference from the baseline with a 95% t interval, parameters, MACs, images/s) and a figure.
 """
@@ -27,7 +29,7 @@ from typing import Any
 
 from gcnet._machine import cpu_isa, cpu_model
 from gcnet.config import data_root
-from gcnet.engine.checkpoint import atomic_write, has_checkpoint
+from gcnet.engine.checkpoint import STATE, WEIGHTS, atomic_write, has_checkpoint
 
 CONFIG = "cifar10_resnet20"
 BASELINE = "none"
@@ -42,6 +44,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "gc_r4": {"context": {"block": "gc", "reduction": 4}},
     "nl": {"nonlocal_blocks": {"indices": [[], [1], [1]]}},
 }
+# Variants whose trained weights the results folder keeps (the `nl` analysis needs them).
+KEEP_WEIGHTS = ("nl",)
 # Two-sided 95% Student t quantiles by degrees of freedom (the paired differences have seeds - 1).
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
 
@@ -79,8 +83,35 @@ def run_command(work: Path, variant: str, seed: int, epochs: int, data: Path,
     return command + ["--resume" if has_checkpoint(out_dir) else "--overwrite"]
 
 
+def kept_checkpoint(results: Path, variant: str, seed: int) -> Path:
+    """The folder in `results` that keeps a finished run's weights (a checkpoint `load_trained` reads)."""
+    return results / "checkpoints" / run_name(variant, seed)
+
+
+def needs_weights(results: Path, variant: str, seed: int) -> bool:
+    """Whether a recorded run of a KEEP_WEIGHTS variant lacks its kept weights (lost with its work folder)."""
+    return variant in KEEP_WEIGHTS and not (kept_checkpoint(results, variant, seed) / WEIGHTS).is_file()
+
+
+def keep_checkpoint(run_dir: Path, folder: Path) -> Path:
+    """Copy the last checkpoint of `run_dir` into `folder` without its optimizer, scheduler and RNG state."""
+    import shutil
+
+    import torch
+
+    from gcnet.engine.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(run_dir)
+    state = {k: v for k, v in ckpt.state.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
+    atomic_write(folder / WEIGHTS, lambda tmp: shutil.copyfile(ckpt.path / WEIGHTS, tmp))
+    return folder
+
+
 def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
-    """Write the result JSON of a finished run (None if it has not finished)."""
+    """Write the result JSON of a finished run (None if it has not finished); keep its weights if
+    its variant is in KEEP_WEIGHTS."""
     import torch
 
     from gcnet.builder import load_trained
@@ -110,6 +141,8 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
         "torch": torch.__version__, "finished": time.strftime("%Y-%m-%d %H:%M"),
     }
     results.mkdir(parents=True, exist_ok=True)
+    if variant in KEEP_WEIGHTS:
+        keep_checkpoint(run_dir, kept_checkpoint(results, variant, seed))
     path = results / f"{run_name(variant, seed)}.json"
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return path
@@ -117,9 +150,12 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
 
 def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[int], epochs: int,
         parallel: int, extra: list[str] | None = None) -> int:
-    """Run every (variant, seed) without a result JSON, `parallel` at a time; returns how many finished."""
+    """Run every (variant, seed) without a result JSON, `parallel` at a time, then the recorded runs
+    whose kept weights are missing (their JSON is rewritten); returns how many finished."""
     work.mkdir(parents=True, exist_ok=True)
-    queue = [(v, s) for s in seeds for v in variants if not (results / f"{run_name(v, s)}.json").is_file()]
+    grid = [(v, s) for s in seeds for v in variants]
+    queue = [(v, s) for v, s in grid if not (results / f"{run_name(v, s)}.json").is_file()]
+    queue += [(v, s) for v, s in grid if (v, s) not in queue and needs_weights(results, v, s)]
     for variant, seed in list(queue):  # finished in an earlier sitting, but not yet recorded
         if record(work, results, variant, seed) is not None:
             queue.remove((variant, seed))
@@ -202,8 +238,8 @@ def convert_nl(work: Path, results: Path, seed: int, batches: int = 4, batch_siz
     from gcnet.builder import build_model, load_trained
 
     name = run_name("nl", seed)
-    run_dir = work / name
-    if not (results / f"{name}.json").is_file() or not (run_dir / "summary.json").is_file():
+    run_dir = kept_checkpoint(results, "nl", seed)
+    if not (results / f"{name}.json").is_file() or needs_weights(results, "nl", seed):
         return None
     trained = load_trained(run_dir)
     config = trained.config
@@ -377,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
             done = (args.results / "conversion" / f"{run_name('nl', seed)}.json").is_file()
             path = None if done else convert_nl(args.work, args.results, seed, batch_size=args.batch_size,
                                                 latency_batch=args.latency_batch, extra=args.extra)
-            state = "already converted" if done else path or "not finished yet"
+            state = "already converted" if done else path or "not finished yet, or its kept weights are missing"
             print(run_name("nl", seed), state, flush=True)
         table = conversion_table(args.results)
         print(table)
