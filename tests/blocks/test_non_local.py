@@ -70,6 +70,19 @@ def test_gradcheck_input_and_parameters(mode: str, dims: int) -> None:
     assert gradcheck_block(block, x)
 
 
+def test_blockwise_attention_backward_over_several_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gcnet.blocks import _fused
+
+    monkeypatch.setattr(_fused, "attention_block_elements", lambda element_size: 3 * 10)  # 3 rows, 7 blocks
+    q, k, v = (torch.randn(2, n, 4, dtype=torch.float64, requires_grad=True) for n in (20, 10, 10))
+    assert torch.autograd.gradcheck(lambda *t: _fused.BlockwiseAttention.apply(*t, 0.3), (q, k, v))
+    out = _fused.BlockwiseAttention.apply(q, k, v, 0.3)
+    expected = torch.softmax(q @ k.transpose(1, 2) * 0.3, dim=-1) @ v
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(got, torch.autograd.grad(expected, (q, k, v), grad), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", [True, False])
 @pytest.mark.parametrize("dims", [1, 2, 3])
 @pytest.mark.parametrize("mode", MODES)
