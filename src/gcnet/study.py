@@ -29,7 +29,7 @@ from typing import Any
 
 from gcnet._machine import cpu_isa, cpu_model
 from gcnet.config import data_root
-from gcnet.engine.checkpoint import STATE, WEIGHTS, atomic_write, has_checkpoint
+from gcnet.engine.checkpoint import STATE, WEIGHTS, Checkpoint, atomic_write, has_checkpoint
 
 CONFIG = "cifar10_resnet20"
 BASELINE = "none"
@@ -93,15 +93,12 @@ def needs_weights(results: Path, variant: str, seed: int) -> bool:
     return variant in KEEP_WEIGHTS and not (kept_checkpoint(results, variant, seed) / WEIGHTS).is_file()
 
 
-def keep_checkpoint(run_dir: Path, folder: Path) -> Path:
-    """Copy the last checkpoint of `run_dir` into `folder` without its optimizer, scheduler and RNG state."""
+def keep_checkpoint(ckpt: Checkpoint, folder: Path) -> Path:
+    """Copy a loaded checkpoint into `folder` without its optimizer, scheduler and RNG state."""
     import shutil
 
     import torch
 
-    from gcnet.engine.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(run_dir)
     state = {k: v for k, v in ckpt.state.items() if k not in ("optimizer", "scheduler", "scaler", "rng")}
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write(folder / STATE, lambda tmp: torch.save(state, tmp))
@@ -142,7 +139,7 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
     }
     results.mkdir(parents=True, exist_ok=True)
     if variant in KEEP_WEIGHTS:
-        keep_checkpoint(run_dir, kept_checkpoint(results, variant, seed))
+        keep_checkpoint(trained.checkpoint, kept_checkpoint(results, variant, seed))
     path = results / f"{run_name(variant, seed)}.json"
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return path

@@ -314,7 +314,6 @@ def attention_block_elements(element_size: int) -> int:
     return min(1 << 20, max(1 << 14, 2 * l2 // element_size))
 
 
-
 class BlockwiseAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v for (B, N, D) queries, (B, Nk, D) keys and values; blockwise backward.
 
