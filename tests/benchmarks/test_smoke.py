@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import _common, blocks, models
+from benchmarks import _common, attention_blocks, blocks, models
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
 
@@ -40,6 +40,15 @@ def test_model_benchmark_reports_each_model() -> None:
     result = models.main(["--quick", "--threads", "1", "--system-allocator"])
     assert [row["model"] for row in result["rows"]] == list(models.MODELS)
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
+
+
+def test_attention_block_benchmark_times_each_size_and_restores_the_choice() -> None:
+    from gcnet.blocks import _fused
+
+    chosen = _fused.attention_block_elements
+    rows = attention_blocks.main(["--quick", "--threads", "1", "--system-allocator"])
+    assert {row[0] for row in rows} == {32, 64} and sum("(chosen)" in row[1] for row in rows) == 2
+    assert all(float(row[2]) > 0 for row in rows) and _fused.attention_block_elements is chosen
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")

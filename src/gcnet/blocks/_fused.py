@@ -307,8 +307,9 @@ def attention_block_elements(element_size: int) -> int:
     """Elements of one (query rows x keys) matrix in the blockwise attention backward.
 
     Two such matrices live at a time (probabilities and their gradient), sized to twice the L2 per
-    core, at most 1M elements so the extra memory stays a few percent of the N x N form's. Measured
-    at 1x16384 positions, D = 32 on an AMD EPYC (L2 512K): 4M elements 2.9 s, 1M 2.0 s, 256K 1.4 s.
+    core, at most 1M elements so the extra memory stays a few percent of the N x N form's
+    (`benchmarks/attention_blocks.py`: on an AMD EPYC, L2 512K, faster than 4M at head dim 32,
+    slower at 64).
     """
     l2, _ = _cache_bytes()
     return min(1 << 20, max(1 << 14, 2 * l2 // element_size))
