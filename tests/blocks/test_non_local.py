@@ -73,7 +73,7 @@ def test_gradcheck_input_and_parameters(mode: str, dims: int) -> None:
 def test_blockwise_attention_backward_over_several_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     from gcnet.blocks import _fused
 
-    monkeypatch.setattr(_fused, "attention_block_elements", lambda element_size: 3 * 10)  # 3 rows, 7 blocks
+    monkeypatch.setattr(_fused, "attention_block_rows", lambda *shape: 3)  # 7 blocks, the last of 2 rows
     q, k, v = (torch.randn(2, n, 4, dtype=torch.float64, requires_grad=True) for n in (20, 10, 10))
     assert torch.autograd.gradcheck(lambda *t: _fused.BlockwiseAttention.apply(*t, 0.3), (q, k, v))
     out = _fused.BlockwiseAttention.apply(q, k, v, 0.3)
@@ -81,6 +81,15 @@ def test_blockwise_attention_backward_over_several_row_blocks(monkeypatch: pytes
     grad = torch.randn_like(out)
     got = torch.autograd.grad(out, (q, k, v), grad)
     torch.testing.assert_close(got, torch.autograd.grad(expected, (q, k, v), grad), rtol=0, atol=1e-12)
+
+
+def test_blockwise_attention_rows_grow_with_the_head_dim_and_stay_within_the_queries() -> None:
+    from gcnet.blocks import _fused
+
+    rows = {d: _fused.attention_block_rows(16384, 16384, d, 4) for d in (16, 32, 64, 128)}
+    assert rows[64] >= 64 * 64 // 32 and rows[128] >= 128 * 128 // 32
+    assert rows[16] <= rows[32] <= rows[64] <= rows[128]
+    assert _fused.attention_block_rows(5, 16384, 64, 4) == 5 and _fused.attention_block_rows(1, 1 << 30, 1, 4) == 1
 
 
 @pytest.mark.parametrize("norm", [True, False])

@@ -303,16 +303,18 @@ class ContextFusion(torch.autograd.Function):
         return (grad_x, grad_key_weight, grad_key_bias, None, *grad_params)
 
 
-def attention_block_elements(element_size: int) -> int:
-    """Elements of one (query rows x keys) matrix in the blockwise attention backward.
+def attention_block_rows(queries: int, keys: int, head_dim: int, element_size: int) -> int:
+    """Query rows per block of the blockwise attention backward, whose (rows x keys) matrices it keeps.
 
-    Two such matrices live at a time (probabilities and their gradient), sized to twice the L2 per
-    core, at most 1M elements so the extra memory stays a few percent of the N x N form's
-    (`benchmarks/attention_blocks.py`: on an AMD EPYC, L2 512K, faster than 4M at head dim 32,
-    slower at 64).
+    Two such matrices live at a time (probabilities and their gradient): twice the L2 per core (at
+    most 1M elements) keeps them near the cache and the extra memory a few percent of the N x N
+    form's. Each block also adds a rank-rows update into the (keys x head_dim) gradients of keys and
+    values, and at head dim 64 small blocks made the backward up to 1.6x slower: rows >= D^2 / 32
+    (`python -m benchmarks.attention_blocks`, docs/benchmarks.md).
     """
     l2, _ = _cache_bytes()
-    return min(1 << 20, max(1 << 14, 2 * l2 // element_size))
+    cache_rows = min(1 << 20, max(1 << 14, 2 * l2 // element_size)) // max(keys, 1)
+    return max(1, min(queries, max(cache_rows, head_dim * head_dim // 32)))
 
 
 class BlockwiseAttention(torch.autograd.Function):
@@ -352,7 +354,7 @@ class BlockwiseAttention(torch.autograd.Function):
         grad_v = torch.zeros_like(values)
         # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         row_term = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, N, 1)
-        step = max(1, min(N, attention_block_elements(out.element_size()) // Nk))
+        step = attention_block_rows(N, Nk, queries.shape[-1], out.element_size())
         for start in range(0, N, step):
             rows = slice(start, start + step)
             q, d_out = queries[:, rows], grad_out[:, rows]  # (B, n, D), (B, n, Dv)
