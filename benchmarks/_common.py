@@ -151,6 +151,19 @@ def interleaved(
     return timings
 
 
+def paired_ratios(case: Timing, base: Timing) -> list[float]:
+    """case / base within each round: load that moves between rounds cancels in each ratio."""
+    return [c / b for c, b in zip(case.seconds, base.seconds)]
+
+
+def median_interval(values: Sequence[float]) -> tuple[float, float, float]:
+    """The median and a distribution-free ~95% interval for it (order statistics of a binomial)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    k = max(0, int((n - 1.96 * n**0.5) / 2))  # 0-based rank of the lower bound
+    return statistics.median(ordered), ordered[k], ordered[n - 1 - k]
+
+
 def _rss_kib(field_name: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

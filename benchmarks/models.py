@@ -1,11 +1,13 @@
 """Whole-model cost of the context blocks: ResNet-50 vs + GC r16 (c3-c5) vs + SE r16 (every block).
 
     python -m benchmarks.models            # batch 16, 224x224: train step and inference, interleaved
+    python -m benchmarks.models --batch 8 --rounds 15   # the ratios with a ~95% interval each
     python -m benchmarks.models --quick    # batch 2, 64x64: a smoke run
 
 A train step is forward, cross-entropy, backward and an SGD (momentum) step; inference is forward
 under no_grad in eval mode. The models run in turn within every round, so load from other
-processes hits them alike; the ratios to ResNet-50 are the numbers to read.
+processes hits them alike. The ratios to ResNet-50 are medians of the per-round ratios, with a
+distribution-free ~95% interval for that median (needs >= 6 rounds to be narrower than the range).
 """
 
 from __future__ import annotations
@@ -23,7 +25,9 @@ from benchmarks._common import (
     interleaved,
     load,
     markdown_table,
+    median_interval,
     ms,
+    paired_ratios,
     ratio,
     start_run,
     write_json,
@@ -93,26 +97,26 @@ def main(argv: list[str] | None = None) -> dict:
     train_times = interleaved(train, rounds, warmup=1)
     infer_times = interleaved(infer, rounds, warmup=1)
     base = next(iter(MODELS))
-    rows = [
-        {
-            "model": name,
-            "params": params[name],
-            "train_ms": train_times[name].median_ms,
-            "infer_ms": infer_times[name].median_ms,
-        }
-        for name in MODELS
-    ]
+    rows = []
+    for name in MODELS:
+        row: dict = {"model": name, "params": params[name]}
+        for key, times in (("train", train_times), ("infer", infer_times)):
+            median, low, high = median_interval(paired_ratios(times[name], times[base]))
+            row |= {f"{key}_ms": times[name].median_ms, f"{key}_ratio": median, f"{key}_interval": [low, high]}
+        rows.append(row)
+
+    def with_interval(r: dict, key: str) -> str:
+        low, high = r[f"{key}_interval"]
+        return f"{ratio(r[f'{key}_ratio'])} ({low:.2f}-{high:.2f})"
+
     table = [
-        [
-            r["model"], f"{r['params'] / 1e6:.2f}M",
-            ms(r["train_ms"]), ratio(r["train_ms"] / rows[0]["train_ms"]),
-            ms(r["infer_ms"]), ratio(r["infer_ms"] / rows[0]["infer_ms"]),
-        ]
+        [r["model"], f"{r['params'] / 1e6:.2f}M", ms(r["train_ms"]), with_interval(r, "train"),
+         ms(r["infer_ms"]), with_interval(r, "infer")]
         for r in rows
     ]
     layout = "channels_last" if args.channels_last else "NCHW"
     print(f"#### batch {batch}, {size}x{size}, {layout}, {rounds} rounds (load {load_before} -> {load()})\n")
-    header = ["model", "params", "train step ms", f"vs {base}", "inference ms", f"vs {base}"]
+    header = ["model", "params", "train step ms", f"vs {base} (95%)", "inference ms", f"vs {base} (95%)"]
     print(markdown_table(header, table), flush=True)
     result = {
         "batch": batch, "size": size, "layout": layout,

@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from benchmarks import _common, attention_blocks, blocks, models
+from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
 
@@ -106,3 +106,23 @@ def test_allocator_benchmark_runs_each_allocator_in_its_own_process() -> None:
     names = ["glibc retained"] + [a for a, lib in allocators.LIBRARIES.items() if Path(lib).is_file()]
     for name in names:
         assert allocators.run_child(case, name, args) > 0
+
+
+def test_median_interval_takes_the_binomial_order_statistics() -> None:
+    from benchmarks._common import median_interval
+
+    assert median_interval([float(v) for v in range(15, 0, -1)]) == (8.0, 4.0, 12.0)
+    assert median_interval([2.0, 1.0, 3.0]) == (2.0, 1.0, 3.0)  # too few rounds: the whole range
+
+
+def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
+    from gcnet.blocks import _fused
+
+    results = gc_breakdown.main(["--shape", "4x32x6x6", "--steps", "2", "--threads", "1"])
+    if not _fused.native_kernels_available():
+        assert results == {}
+        return
+    names = [row[0] for row in results["4x32x6x6"]]
+    assert names[:3] == ["floor forward", "block forward", "block backward"]
+    assert {"kernel attention_pool", "kernel attention_pool_backward"} <= set(names)
+    assert _fused._native is not None and not isinstance(_fused._native, gc_breakdown._Timed)

@@ -1,0 +1,122 @@
+"""Where a GC r16 forward+backward spends its time: the CPU kernels inside the block, and alone.
+
+    python -m benchmarks.gc_breakdown                          # 32x1024x14x14 and 32x256x56x56
+    python -m benchmarks.gc_breakdown --shape 32x512x28x28 --steps 40
+
+"in the block" times each kernel call of `gcnet._C` while the block runs forward+backward (after
+the floor, as in `benchmarks.blocks --warm-cache`), summed per step; "alone" runs the same call on
+the same buffers back to back, where its inputs stay in cache. A kernel much slower in the block
+than alone waits on memory; the rest of a step (the add, grad_out's sum, the transforms' small
+graph, autograd) is the step minus the kernels.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+
+from benchmarks._common import add_allocator_option, markdown_table, start_run
+from benchmarks.blocks import randomize_, shape_name
+from gcnet.blocks import GlobalContext, _fused
+
+SHAPES = ("32x1024x14x14", "32x256x56x56")
+
+
+class _Timed:
+    """The kernels module with each call's time added to `totals`, and its arguments kept."""
+
+    def __init__(self, module: object, totals: dict[str, float], calls: dict[str, tuple]) -> None:
+        self._module, self._totals, self._calls = module, totals, calls
+
+    def __getattr__(self, name: str) -> Callable:
+        kernel = getattr(self._module, name)
+
+        def timed(*args: object) -> object:
+            start = time.perf_counter()
+            result = kernel(*args)
+            self._totals[name] += time.perf_counter() - start
+            self._calls[name] = args
+            return result
+
+        return timed
+
+
+def mean_ms(run: Callable[[], object], steps: int) -> float:
+    for _ in range(3):
+        run()
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    return (time.perf_counter() - start) / steps * 1e3
+
+
+def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
+    block = randomize_(GlobalContext(shape[1], reduction=16)).train()
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(shape, generator=generator).requires_grad_(True)
+    grad = torch.randn(shape, generator=generator)
+    totals: dict[str, float] = collections.defaultdict(float)
+    calls: dict[str, tuple] = {}
+    parts: dict[str, float] = collections.defaultdict(float)
+
+    def step() -> None:
+        with torch.no_grad():
+            start = time.perf_counter()
+            x + x.sum(dim=(2, 3), keepdim=True)
+            parts["floor forward"] += time.perf_counter() - start
+        x.grad = None
+        block.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        out = block(x)
+        parts["block forward"] += time.perf_counter() - start
+        start = time.perf_counter()
+        out.backward(grad)
+        parts["block backward"] += time.perf_counter() - start
+
+    native = _fused._native
+    _fused._native = _Timed(native, totals, calls)
+    try:
+        for _ in range(3):
+            step()
+        totals.clear()
+        parts.clear()
+        for _ in range(steps):
+            step()
+    finally:
+        _fused._native = native
+    rows = [[name, f"{seconds / steps * 1e3:.2f}", ""] for name, seconds in parts.items()]
+    for name, seconds in totals.items():
+        args = calls[name]
+        rows.append([f"kernel {name}", f"{seconds / steps * 1e3:.2f}",
+                     f"{mean_ms(lambda: getattr(native, name)(*args), steps):.2f}"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict[str, list[list[object]]]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", action="append", help=f"repeatable (default {', '.join(SHAPES)})")
+    parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
+    parser.add_argument("--threads", type=int, default=2)
+    add_allocator_option(parser)
+    args = parser.parse_args(argv)
+    start_run(args.threads, args.system_allocator)
+    if not _fused.native_kernels_available():
+        print("gcnet._C is not built: nothing to break down")
+        return {}
+    results = {}
+    for name in args.shape or SHAPES:
+        shape = tuple(int(size) for size in name.split("x"))
+        rows = breakdown(shape, args.steps)
+        results[shape_name(shape)] = rows
+        print(f"#### {shape_name(shape)}, mean of {args.steps} steps\n")
+        print(markdown_table(["part", "in the block, ms per step", "alone, ms per call"], rows), "\n", flush=True)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
