@@ -23,7 +23,9 @@ SIZES = (1 << 22, 1 << 21, 1 << 20, 1 << 18)
 
 
 def main(argv: list[str] | None = None) -> list[list[object]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="1024 positions, 1 round")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--dims", type=int, nargs="+", default=[32, 64], help="head dims (default 32 64)")

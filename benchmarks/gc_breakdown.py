@@ -98,7 +98,9 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[object]]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", action="append", help=f"repeatable (default {', '.join(SHAPES)})")
     parser.add_argument("--steps", type=int, default=30, help="timed steps (default 30)")
     parser.add_argument("--threads", type=int, default=2)
@@ -114,7 +116,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[object]]]:
         rows = breakdown(shape, args.steps)
         results[shape_name(shape)] = rows
         print(f"#### {shape_name(shape)}, mean of {args.steps} steps\n")
-        print(markdown_table(["part", "in the block, ms per step", "alone, ms per call"], rows), "\n", flush=True)
+        header = ["part", "in the block, ms per step", "alone, ms per call"]
+        print(markdown_table(header, rows), "\n", flush=True)
     return results
 
 

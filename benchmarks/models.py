@@ -102,7 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         row: dict = {"model": name, "params": params[name]}
         for key, times in (("train", train_times), ("infer", infer_times)):
             median, low, high = median_interval(paired_ratios(times[name], times[base]))
-            row |= {f"{key}_ms": times[name].median_ms, f"{key}_ratio": median, f"{key}_interval": [low, high]}
+            row |= {f"{key}_ms": times[name].median_ms, f"{key}_ratio": median,
+                    f"{key}_interval": [low, high]}
         rows.append(row)
 
     def with_interval(r: dict, key: str) -> str:
