@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcnet.study import load_results, main, paired_difference, summary_table
+from gcnet.study import load_results, load_speed, main, paired_difference, summary_table
 from tests.engine.tiny import make_image_folder
 
 SMOKE = ["data.batch_size=8", "data.eval_batch_size=16", "data.workers=0", "data.val_fraction=0.25",
@@ -86,3 +86,18 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
     assert paired_difference({0: 1.0}, {0: 2.0}) is None
     assert "not run yet" in summary_table(load_results(Path("/nonexistent")))
 
+
+
+def test_speed_times_every_variant_against_the_baseline(tmp_path: Path) -> None:
+    threads = torch.get_num_threads()
+    assert main(["speed", "--results", str(tmp_path), "--variants", "gc_r16", "none", "--batch", "2",
+                 "--steps", "1", "--rounds", "2"]) == 0
+    measured = json.loads((tmp_path / "speed" / "speed.json").read_text())
+    assert list(measured["variants"]) == ["none", "gc_r16"] and measured["threads"] == 1
+    assert measured["variants"]["none"]["vs_baseline"] == 1.0
+    assert all(v["images_per_s"] > 0 for v in measured["variants"].values())
+    assert torch.get_num_threads() == threads  # the one-thread setting does not leak into the caller
+    table = summary_table({}, load_speed(tmp_path))
+    alone = measured["variants"]["gc_r16"]["images_per_s"]
+    assert f"| gc_r16 | 0 | not run yet | | | | | | {alone:.0f} (" in table
+    assert load_speed(tmp_path / "missing") == {}

@@ -2,6 +2,7 @@
 
     python -m gcnet.study run --results results/cifar10 --seeds 0 1 2 --parallel 2
     python -m gcnet.study summary --results results/cifar10
+    python -m gcnet.study speed --results results/cifar10  # clean images/s: training steps, interleaved
     python -m gcnet.study nl --results results/cifar10     # NL runs: query statistics, NL -> SNL conversion
 
 Every (variant, seed) run is a `gcnet train` child process (config `cifar10_resnet20`, one thread)
@@ -313,6 +314,86 @@ def conversion_table(results: Path) -> str:
     return "\n".join(lines)
 
 
+SPEED = Path("speed") / "speed.json"  # inside the results folder
+
+
+def measure_speed(results: Path, variants: list[str], batch: int = 128, steps: int = 10,
+                  rounds: int = 5) -> Path:
+    """Training steps of every variant on one thread, interleaved, alone on the machine: clean images/s.
+
+    A step is what `gcnet train` runs on a batch (channels_last per the config, cross-entropy,
+    backward, gradient clipping, SGD) on random images, so data loading is left out. Each round
+    times `steps` steps of every variant in turn; the result is each variant's median over rounds
+    and the median of its per-round ratios to the baseline. Writes `results/speed/speed.json`.
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds = _time_steps(variants, batch, steps, rounds)
+    finally:
+        torch.set_num_threads(threads)
+    speed = {
+        v: {"images_per_s": statistics.median(steps * batch / t for t in times),
+            "vs_baseline": statistics.median(t / b for t, b in zip(times, seconds[BASELINE]))}
+        for v, times in seconds.items()
+    }
+    out = {"cpu": cpu_model(), "isa": cpu_isa(), "torch": torch.__version__, "threads": 1, "batch": batch,
+           "steps": steps, "rounds": rounds, "measured": time.strftime("%Y-%m-%d %H:%M"), "variants": speed}
+    path = results / SPEED
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(out, indent=2) + "\n"))
+    return path
+
+
+def _train_step(model: Any, optimizer: Any, images: Any, labels: Any, clip: float | None) -> Any:
+    """One step as `gcnet train` runs it on a batch: cross-entropy, backward, clipping, the optimizer."""
+    import torch
+    import torch.nn.functional as F
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(model(images), labels).backward()
+        if clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        optimizer.step()
+
+    return step
+
+
+def _time_steps(variants: list[str], batch: int, steps: int, rounds: int) -> dict[str, list[float]]:
+    """Seconds of `steps` training steps per variant and round (the baseline first); one warm-up round."""
+    import torch
+
+    from gcnet._machine import retain_freed_memory
+    from gcnet.builder import build_model, build_optimizer
+    from gcnet.config import load_config
+
+    retain_freed_memory()  # as `gcnet train` does by default
+    order = [BASELINE] + [v for v in variants if v != BASELINE]
+    runs = {}
+    for variant in order:
+        config = load_config(CONFIG, [f"model.{k}={json.dumps(v)}" for k, v in VARIANTS[variant].items()])
+        layout = torch.channels_last if config.model.channels_last else torch.contiguous_format
+        torch.manual_seed(0)
+        model = build_model(config).train().to(memory_format=layout)
+        optimizer = build_optimizer(model, config.optim)
+        size = config.data.image_size
+        images = torch.randn(batch, 3, size, size).contiguous(memory_format=layout)
+        labels = torch.randint(0, config.model.num_classes or 10, (batch,))
+        runs[variant] = _train_step(model, optimizer, images, labels, config.optim.grad_clip_norm)
+    seconds: dict[str, list[float]] = {v: [] for v in order}
+    for round_index in range(rounds + 1):  # round 0 warms up
+        for variant, step in runs.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            if round_index:
+                seconds[variant].append(time.perf_counter() - start)
+    return seconds
+
+
 def load_results(results: Path) -> dict[str, dict[int, dict[str, Any]]]:
     """{variant: {seed: result}} of every JSON in the folder."""
     out: dict[str, dict[int, dict[str, Any]]] = {}
@@ -332,24 +413,36 @@ def paired_difference(values: dict[int, float], baseline: dict[int, float]) -> t
     return statistics.mean(differences), half, len(common)
 
 
-def summary_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+def load_speed(results: Path) -> dict[str, dict[str, float]]:
+    """{variant: {images_per_s, vs_baseline}} from `measure_speed`, or {} where it has not run."""
+    path = results / SPEED
+    return json.loads(path.read_text())["variants"] if path.is_file() else {}
+
+
+def summary_table(results: dict[str, dict[int, dict[str, Any]]],
+                  speed: dict[str, dict[str, float]] | None = None) -> str:
     """Markdown table of the study: accuracy over seeds, paired difference from `none`, cost."""
+    speed = speed or {}
     lines = ["| block | seeds | test top-1 (%) mean ± std | per seed | vs none (paired, 95% CI) | params "
-             "| MMACs | train img/s (1 thread, fastest epoch) |", "|---|---:|---:|---|---:|---:|---:|---:|"]
+             "| MMACs | train img/s in the runs (fastest epoch) | train img/s alone (step time vs none) |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|"]
     base = {s: r["test_top1"] for s, r in results.get(BASELINE, {}).items()}
     for variant in VARIANTS:
+        alone = speed.get(variant)
+        alone_text = f"{alone['images_per_s']:.0f} ({alone['vs_baseline']:.2f}x)" if alone else ""
         runs = results.get(variant, {})
         if not runs:
-            lines.append(f"| {variant} | 0 | not run yet | | | | | |")
+            lines.append(f"| {variant} | 0 | not run yet | | | | | | {alone_text} |")
             continue
         accs = {s: r["test_top1"] for s, r in runs.items()}
         spread = f" ± {statistics.stdev(accs.values()):.2f}" if len(accs) > 1 else ""
         diff = paired_difference(accs, base) if variant != BASELINE else None
         shown = f"{diff[0]:+.2f} ± {diff[1]:.2f} (n={diff[2]})" if diff else ("-" if variant == BASELINE else "n < 2")
         first = next(iter(runs.values()))
+        in_runs = statistics.mean(r["train_images_per_s"] for r in runs.values())
         lines.append(f"| {variant} | {len(accs)} | {statistics.mean(accs.values()):.2f}{spread} | "
                      f"{', '.join(f'{accs[s]:.2f}' for s in sorted(accs))} | {shown} | {first['parameters']:,} | "
-                     f"{first['macs'] / 1e6:.2f} | {statistics.mean(r['train_images_per_s'] for r in runs.values()):.0f} |")
+                     f"{first['macs'] / 1e6:.2f} | {in_runs:.0f} | {alone_text} |")
     return "\n".join(lines)
 
 
@@ -394,6 +487,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="further config overrides for every run (smoke runs)")
     show = commands.add_parser("summary", help="table and figure of the results folder")
     show.add_argument("--results", type=Path, default=Path("results/cifar10"))
+    fast = commands.add_parser("speed", help="training steps per second of every variant, interleaved, alone")
+    fast.add_argument("--results", type=Path, default=Path("results/cifar10"))
+    fast.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    fast.add_argument("--batch", type=int, default=128)
+    fast.add_argument("--steps", type=int, default=10, help="steps per variant and round")
+    fast.add_argument("--rounds", type=int, default=5)
     nl = commands.add_parser("nl", help="query statistics and NL -> SNL conversion of the finished NL runs")
     nl.add_argument("--results", type=Path, default=Path("results/cifar10"))
     nl.add_argument("--work", type=Path, default=Path("outputs/study"))
@@ -405,6 +504,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.work, args.results, args.data, args.variants, args.seeds, args.epochs, args.parallel, args.extra)
+    if args.command == "speed":
+        print(measure_speed(args.results, args.variants, args.batch, args.steps, args.rounds))
     if args.command == "nl":
         for seed in args.seeds:
             done = (args.results / "conversion" / f"{run_name('nl', seed)}.json").is_file()
@@ -418,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             (args.results / "conversion" / "summary.md").write_text(table + "\n")
         return 0
     results = load_results(args.results)
-    table = summary_table(results)
+    table = summary_table(results, load_speed(args.results))
     print(table)
     if results:
         args.results.mkdir(parents=True, exist_ok=True)
