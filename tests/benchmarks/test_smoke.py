@@ -45,10 +45,10 @@ def test_model_benchmark_reports_each_model() -> None:
 def test_attention_block_benchmark_times_each_size_and_restores_the_choice() -> None:
     from gcnet.blocks import _fused
 
-    chosen = _fused.attention_block_rows
+    chosen = _fused.attention_blocks
     rows = attention_blocks.main(["--quick", "--threads", "1", "--system-allocator"])
     assert {row[0] for row in rows} == {32, 64} and sum("(chosen)" in row[1] for row in rows) == 2
-    assert all(float(row[2]) > 0 for row in rows) and _fused.attention_block_rows is chosen
+    assert all(float(row[3]) > 0 for row in rows) and _fused.attention_blocks is chosen
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")

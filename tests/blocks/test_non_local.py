@@ -70,11 +70,14 @@ def test_gradcheck_input_and_parameters(mode: str, dims: int) -> None:
     assert gradcheck_block(block, x)
 
 
-def test_blockwise_attention_backward_over_several_row_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+# (samples, rows): bands of 3 rows (the last of 2), whole samples one or two at a time, and both.
+@pytest.mark.parametrize("block", [(1, 3), (1, 20), (2, 20), (2, 7)])
+def test_blockwise_attention_backward_over_several_blocks(monkeypatch: pytest.MonkeyPatch,
+                                                          block: tuple[int, int]) -> None:
     from gcnet.blocks import _fused
 
-    monkeypatch.setattr(_fused, "attention_block_rows", lambda *shape: 3)  # 7 blocks, the last of 2 rows
-    q, k, v = (torch.randn(2, n, 4, dtype=torch.float64, requires_grad=True) for n in (20, 10, 10))
+    monkeypatch.setattr(_fused, "attention_blocks", lambda *shape: block)
+    q, k, v = (torch.randn(3, n, 4, dtype=torch.float64, requires_grad=True) for n in (20, 10, 10))
     assert torch.autograd.gradcheck(lambda *t: _fused.BlockwiseAttention.apply(*t, 0.3), (q, k, v))
     out = _fused.BlockwiseAttention.apply(q, k, v, 0.3)
     expected = torch.softmax(q @ k.transpose(1, 2) * 0.3, dim=-1) @ v
@@ -83,13 +86,17 @@ def test_blockwise_attention_backward_over_several_row_blocks(monkeypatch: pytes
     torch.testing.assert_close(got, torch.autograd.grad(expected, (q, k, v), grad), rtol=0, atol=1e-12)
 
 
-def test_blockwise_attention_rows_grow_with_the_head_dim_and_stay_within_the_queries() -> None:
+def test_blockwise_attention_blocks_take_whole_samples_or_bands_that_grow_with_the_head_dim() -> None:
     from gcnet.blocks import _fused
 
-    rows = {d: _fused.attention_block_rows(16384, 16384, d, 4) for d in (16, 32, 64, 128)}
-    assert rows[64] >= 64 * 64 // 32 and rows[128] >= 128 * 128 // 32
-    assert rows[16] <= rows[32] <= rows[64] <= rows[128]
-    assert _fused.attention_block_rows(5, 16384, 64, 4) == 5 and _fused.attention_block_rows(1, 1 << 30, 1, 4) == 1
+    bands = {d: _fused.attention_blocks(1, 16384, 16384, d, 4) for d in (16, 32, 64, 128)}
+    assert all(samples == 1 for samples, _ in bands.values())
+    assert bands[64][1] >= 64 * 64 // 32 and bands[128][1] >= 128 * 128 // 32
+    assert bands[16][1] <= bands[32][1] <= bands[64][1] <= bands[128][1]
+    samples, rows = _fused.attention_blocks(128, 256, 256, 16, 4)  # CIFAR's 16x16 maps, batch 128
+    assert rows == 256 and 1 <= samples < 128 and samples * 256 * 256 <= 1 << 20
+    assert _fused.attention_blocks(3, 5, 7, 64, 4) == (3, 5)
+    assert _fused.attention_blocks(1, 1, 1 << 30, 1, 4) == (1, 1)
 
 
 @pytest.mark.parametrize("norm", [True, False])

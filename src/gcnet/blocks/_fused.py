@@ -303,18 +303,21 @@ class ContextFusion(torch.autograd.Function):
         return (grad_x, grad_key_weight, grad_key_bias, None, *grad_params)
 
 
-def attention_block_rows(queries: int, keys: int, head_dim: int, element_size: int) -> int:
-    """Query rows per block of the blockwise attention backward, whose (rows x keys) matrices it keeps.
+def attention_blocks(batch: int, queries: int, keys: int, head_dim: int, element_size: int) -> tuple[int, int]:
+    """(samples, query rows) per block of the blockwise attention backward.
 
-    Two such matrices live at a time (probabilities and their gradient): twice the L2 per core (at
-    most 1M elements) keeps them near the cache and the extra memory a few percent of the N x N
-    form's. Each block also adds a rank-rows update into the (keys x head_dim) gradients of keys and
-    values, and at head dim 64 small blocks made the backward up to 1.6x slower: rows >= D^2 / 32
-    (`python -m benchmarks.attention_blocks`, docs/benchmarks.md).
+    A block's (samples x rows x keys) matrices, two at a time (probabilities and their gradient), are
+    sized to twice the L2 per core (at most 1M elements): near the cache, and a few percent of the
+    N x N form's memory. Where whole samples fit, a block takes several of them with all their rows;
+    otherwise one sample and a band of rows, and each band adds a rank-rows update into the
+    (keys x head_dim) gradients of keys and values: at head dim 64, small bands made the backward up
+    to 1.6x slower, so rows >= D^2 / 32 (`python -m benchmarks.attention_blocks`, docs/benchmarks.md).
     """
     l2, _ = _cache_bytes()
-    cache_rows = min(1 << 20, max(1 << 14, 2 * l2 // element_size)) // max(keys, 1)
-    return max(1, min(queries, max(cache_rows, head_dim * head_dim // 32)))
+    budget = min(1 << 20, max(1 << 14, 2 * l2 // element_size))
+    if queries * keys <= budget:
+        return max(1, min(batch, budget // max(queries * keys, 1))), max(queries, 1)
+    return 1, max(1, min(queries, max(budget // keys, head_dim * head_dim // 32)))
 
 
 class BlockwiseAttention(torch.autograd.Function):
@@ -322,8 +325,9 @@ class BlockwiseAttention(torch.autograd.Function):
 
     The forward is `scaled_dot_product_attention` (flash path, no N x Nk matrix). On CPU its flash
     backward is several times slower than BLAS for small head dims (measured: 18.7 s against 5.5 s
-    for the naive N x N form at 1x64x128x128), so the backward recomputes the probabilities of a
-    block of query rows at a time and runs the five products through bmm: memory stays O(block * Nk).
+    for the naive N x N form at 1x64x128x128), so the backward recomputes the probabilities a block
+    of samples or of query rows at a time and runs the five products through bmm: memory stays
+    O(block * Nk).
     """
 
     @staticmethod
@@ -354,14 +358,17 @@ class BlockwiseAttention(torch.autograd.Function):
         grad_v = torch.zeros_like(values)
         # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         row_term = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, N, 1)
-        step = attention_block_rows(N, Nk, queries.shape[-1], out.element_size())
-        for start in range(0, N, step):
-            rows = slice(start, start + step)
-            q, d_out = queries[:, rows], grad_out[:, rows]  # (B, n, D), (B, n, Dv)
-            probs = (torch.bmm(q, keys.transpose(1, 2)) * scale).softmax(dim=-1)  # (B, n, Nk)
-            grad_v.baddbmm_(probs.transpose(1, 2), d_out)  # (B, Nk, Dv)
-            grad_logits = torch.bmm(d_out, values.transpose(1, 2))  # (B, n, Nk): dP
-            grad_logits.sub_(row_term[:, rows]).mul_(probs).mul_(scale)  # dS, scaled
-            grad_q[:, rows] = torch.bmm(grad_logits, keys)  # (B, n, D)
-            grad_k.baddbmm_(grad_logits.transpose(1, 2), q)  # (B, Nk, D)
+        samples, step = attention_blocks(queries.shape[0], N, Nk, queries.shape[-1], out.element_size())
+        for first in range(0, queries.shape[0], samples):
+            batch = slice(first, first + samples)
+            k, v = keys[batch], values[batch]  # (b, Nk, D), (b, Nk, Dv)
+            for start in range(0, N, step):
+                rows = slice(start, start + step)
+                q, d_out = queries[batch, rows], grad_out[batch, rows]  # (b, n, D), (b, n, Dv)
+                probs = (torch.bmm(q, k.transpose(1, 2)) * scale).softmax(dim=-1)  # (b, n, Nk)
+                grad_v[batch].baddbmm_(probs.transpose(1, 2), d_out)  # (b, Nk, Dv)
+                grad_logits = torch.bmm(d_out, v.transpose(1, 2))  # (b, n, Nk): dP
+                grad_logits.sub_(row_term[batch, rows]).mul_(probs).mul_(scale)  # dS, scaled
+                grad_q[batch, rows] = torch.bmm(grad_logits, k)  # (b, n, D)
+                grad_k[batch].baddbmm_(grad_logits.transpose(1, 2), q)  # (b, Nk, D)
         return (*(g.to(dtype) for g, dtype in zip((grad_q, grad_k, grad_v), ctx.dtypes)), None)
