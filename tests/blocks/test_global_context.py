@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -186,6 +188,21 @@ def test_hidden_channels_and_norm_eps_set_the_bottleneck() -> None:
         assert isinstance(transform[1], nn.LayerNorm) and transform[1].eps == 1e-6
     se = SqueezeExcite(64, hidden_channels=8)  # timm's width, not 64 // 16
     assert se.scale_transform[0].weight.shape == (8, 64)
+
+
+def test_a_bottleneck_too_narrow_for_layer_norm_warns_and_is_degenerate() -> None:
+    """LayerNorm over one channel leaves its bias: the block adds the same term whatever the input."""
+    with pytest.warns(UserWarning, match=r"1-channel bottleneck \(channels=16, reduction=16\) outputs only"):
+        block = GlobalContext(16, reduction=16)
+    with pytest.warns(UserWarning, match="2-channel bottleneck"):
+        GlobalContext(32, reduction=16)
+    randomize_(block)
+    x, y = torch.randn(2, 16, 5, 5), torch.randn(2, 16, 5, 5)
+    torch.testing.assert_close(block(x) - x, block(y) - y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        GlobalContext(48, reduction=16)  # 3 channels: no warning
+        GlobalContext(16, reduction=16, norm=False)
 
 
 def test_new_options_leave_the_defaults_unchanged() -> None:

@@ -14,6 +14,7 @@ broadcasts it to every position (add, sigmoid scale, or both).
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Literal
 
 import torch
@@ -85,6 +86,12 @@ class ContextTransform(nn.Sequential):
             hidden = check_positive_int("hidden_channels", hidden_channels)
         layers: list[nn.Module] = [nn.Linear(channels, hidden)]
         if norm:
+            if hidden <= 2:
+                effect = ("outputs only its bias: the transform ignores the context" if hidden == 1 else
+                          "outputs about +-1: the transform sees only which of the two is larger")
+                warnings.warn(f"LayerNorm over a {hidden}-channel bottleneck (channels={channels}, "
+                              f"reduction={reduction}) {effect}; use hidden_channels >= 3 or a smaller "
+                              "reduction", UserWarning, stacklevel=3)
             layers.append(nn.LayerNorm(hidden, eps=norm_eps))
         if relu:
             layers.append(nn.ReLU(inplace=True))
