@@ -35,8 +35,8 @@ from gcnet.engine.checkpoint import STATE, WEIGHTS, Checkpoint, atomic_write, ha
 CONFIG = "cifar10_resnet20"
 BASELINE = "none"
 # name -> model section keys. CIFAR ResNet-20 has stages of 16, 32 and 64 channels; blocks go into
-# every residual block, NL as one embedded-Gaussian block after the second residual block of
-# stages 2 (16x16) and 3 (8x8).
+# every residual block of stages 2 and 3 (the model's default, GCNet's c3-c5), NL as one
+# embedded-Gaussian block after the second residual block of stages 2 (16x16) and 3 (8x8).
 VARIANTS: dict[str, dict[str, Any]] = {
     "none": {},
     "se": {"context": {"block": "se", "reduction": 16}},
