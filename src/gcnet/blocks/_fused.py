@@ -303,7 +303,9 @@ class ContextFusion(torch.autograd.Function):
         return (grad_x, grad_key_weight, grad_key_bias, None, *grad_params)
 
 
-def attention_blocks(batch: int, queries: int, keys: int, head_dim: int, element_size: int) -> tuple[int, int]:
+def attention_blocks(
+    batch: int, queries: int, keys: int, head_dim: int, element_size: int
+) -> tuple[int, int]:
     """(samples, query rows) per block of the blockwise attention backward.
 
     A block's (samples x rows x keys) matrices, two at a time (probabilities and their gradient), are
