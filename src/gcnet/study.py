@@ -55,6 +55,17 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}_seed{seed}"
 
 
+def model_settings(model: dict[str, Any]) -> dict[str, Any]:
+    """Model section keys -> values (e.g. a VARIANTS entry) as config keys `model.*` -> values."""
+    return {f"model.{key}": value for key, value in model.items()}
+
+
+def overrides(settings: dict[str, Any]) -> list[str]:
+    """`--set` values (KEY=VALUE, JSON where not a string) of config keys -> values."""
+    return [f"{key}={value if isinstance(value, str) else json.dumps(value)}"
+            for key, value in settings.items()]
+
+
 def train_command(out_dir: Path, seed: int, epochs: int, train: Path | str, test: Path | str,
                   settings: dict[str, Any], extra: list[str] | None = None) -> list[str]:
     """`gcnet train` of the study's config on one thread with `settings` (key -> value) and `extra`."""
@@ -62,8 +73,8 @@ def train_command(out_dir: Path, seed: int, epochs: int, train: Path | str, test
                "--set", f"train.out_dir={out_dir}", "--set", f"train.seed={seed}",
                "--set", f"train.epochs={epochs}", "--set", "train.threads=1", "--set", "train.progress=false",
                "--set", f"data.train={train}", "--set", f"data.test={test}"]
-    for key, value in settings.items():
-        command += ["--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}"]
+    for override in overrides(settings):
+        command += ["--set", override]
     for override in extra or []:
         command += ["--set", override]
     return command
@@ -77,8 +88,8 @@ def child_environment() -> dict[str, str]:
 def run_command(work: Path, variant: str, seed: int, epochs: int, data: Path,
                 extra: list[str] | None = None) -> list[str]:
     """The `gcnet train` command of one run (--resume when it has a checkpoint, else --overwrite)."""
-    settings = {f"model.{key}": value for key, value in VARIANTS[variant].items()}
     out_dir = work / run_name(variant, seed)
+    settings = model_settings(VARIANTS[variant])
     command = train_command(out_dir, seed, epochs, data / "train", data / "test", settings, extra)
     # Continue from the last checkpoint; a run that died before its first one starts over.
     return command + ["--resume" if has_checkpoint(out_dir) else "--overwrite"]
@@ -251,7 +262,7 @@ def convert_nl(work: Path, results: Path, seed: int, batches: int = 4, batch_siz
     report = convert_checkpoint(run_dir, config.data.test, converted_dir, batches=batches,
                                 batch_size=batch_size)
     finetune_dir = work / f"{name}_finetune"
-    settings = {f"model.{key}": value for key, value in CONVERTED.items()} | {
+    settings = model_settings(CONVERTED) | {
         "model.weights": str(converted_dir / "converted.safetensors"), "model.weights_source": "gcnet",
         "optim.lr": FINETUNE_LR, "schedule.warmup_epochs": 0}
     command = train_command(finetune_dir, seed, 1, config.data.train, config.data.test, settings, extra)
@@ -374,7 +385,7 @@ def _time_steps(variants: list[str], batch: int, steps: int, rounds: int) -> dic
     order = [BASELINE] + [v for v in variants if v != BASELINE]
     runs = {}
     for variant in order:
-        config = load_config(CONFIG, [f"model.{k}={json.dumps(v)}" for k, v in VARIANTS[variant].items()])
+        config = load_config(CONFIG, overrides(model_settings(VARIANTS[variant])))
         layout = torch.channels_last if config.model.channels_last else torch.contiguous_format
         torch.manual_seed(0)
         model = build_model(config).train().to(memory_format=layout)
