@@ -101,3 +101,9 @@ def test_speed_times_every_variant_against_the_baseline(tmp_path: Path) -> None:
     alone = measured["variants"]["gc_r16"]["images_per_s"]
     assert f"| gc_r16 | 0 | not run yet | | | | | | {alone:.0f} (" in table
     assert load_speed(tmp_path / "missing") == {}
+
+
+def test_speed_names_a_count_that_is_not_positive(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="rounds must be >= 1, got 0"):
+        main(["speed", "--results", str(tmp_path), "--rounds", "0"])
+    assert not (tmp_path / "speed").exists()

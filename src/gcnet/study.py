@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gcnet._checks import check_positive_int
 from gcnet._machine import cpu_isa, cpu_model
 from gcnet.config import data_root
 from gcnet.engine.checkpoint import STATE, WEIGHTS, Checkpoint, atomic_write, has_checkpoint
@@ -339,6 +340,8 @@ def measure_speed(results: Path, variants: list[str], batch: int = 128, steps: i
     """
     import torch
 
+    for name, value in (("batch", batch), ("steps", steps), ("rounds", rounds)):
+        check_positive_int(name, value)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
