@@ -137,6 +137,37 @@ def test_every_block_size_computes_the_same(channels_last: bool, gate: bool) -> 
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("C, N", [(8, 16), (13, 7), (19, 49), (67, 9), (3, 2)])
+def test_kernels_match_autograd_for_any_row_and_lane_remainder(C: int, N: int, channels_last: bool,
+                                                                dtype: torch.dtype) -> None:
+    """Channel rows go in groups of one vector's lanes (8 floats, 4 doubles): every remainder counts."""
+    B = 2
+    x = laid_out(torch.randn(B, C, N, dtype=torch.float64), channels_last)
+    grad_out = laid_out(torch.randn(B, C, N, dtype=torch.float64), channels_last)
+    weight, bias = torch.randn(C, dtype=torch.float64), torch.randn(1, dtype=torch.float64)
+    grad_context, gate = torch.randn(B, C, dtype=torch.float64), torch.rand(B, C, dtype=torch.float64)
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, weight, bias)]
+    alpha = (torch.einsum("c,bcn->bn", leaves[1], leaves[0]) + leaves[2]).softmax(-1)
+    context = torch.einsum("bcn,bn->bc", leaves[0], alpha)
+    loss = (context * grad_context).sum() + (leaves[0] * gate.unsqueeze(-1) * grad_out).sum()
+    expected = [alpha.unsqueeze(1), context, *torch.autograd.grad(loss, leaves)]
+    cast = [t.to(dtype) for t in (x, grad_out, weight, bias, grad_context, gate)]
+    x_, grad_out_, weight_, bias_, grad_context_, gate_ = cast
+    got_alpha, got_context = _fused._native.attention_pool(x_, weight_, bias_, N)
+    got = [got_alpha, got_context, *_fused._native.attention_pool_backward(
+        x_, grad_out_, weight_, got_alpha, got_context, grad_context_, gate_, N)]
+    got[3] = got[3].reshape(C)
+    tolerance = 1e-12 if dtype == torch.float64 else 2e-5
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance)
+    sums, products = _fused._native.fusion_sums(x_, grad_out_)
+    torch.testing.assert_close(sums.double(), grad_out.sum(-1), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(products.double(), (grad_out * x).sum(-1), rtol=tolerance, atol=tolerance)
+
+
+@needs_kernels
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 def test_fusion_sums_are_the_gradients_of_add_and_gate(channels_last: bool) -> None:
     x = laid_out(torch.randn(3, 10, 7, 5, dtype=torch.float64), channels_last).flatten(2)
