@@ -8,12 +8,18 @@ A train step is forward, cross-entropy, backward and an SGD (momentum) step; inf
 under no_grad in eval mode. The models run in turn within every round, so load from other
 processes hits them alike. The ratios to ResNet-50 are medians of the per-round ratios, with a
 distribution-free ~95% interval for that median (needs >= 6 rounds to be narrower than the range).
+Steps of a few seconds vary by several percent from round to round, more than a few blocks cost;
+so afterwards each model's context blocks are also timed inside its own steps (hooks around their
+forward and backward): the median share of a step spent in them, a lower bound on the overhead
+that ignores their effect on the caches of the layers around them.
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
 from collections.abc import Callable
 
 import torch
@@ -32,6 +38,7 @@ from benchmarks._common import (
     start_run,
     write_json,
 )
+from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite
 from gcnet.models import create_model
 
 C3_C5 = (False, True, True, True)
@@ -40,6 +47,51 @@ MODELS: dict[str, dict] = {
     "ResNet-50 + GC r16 (c3-c5)": {"context": "gc", "reduction": 16, "stages": C3_C5},
     "ResNet-50 + SE r16 (all stages)": {"context": "se", "reduction": 16, "stages": (True, True, True, True)},
 }
+
+
+class BlockClock:
+    """Seconds spent inside a model's context blocks, forward and backward, summed through hooks.
+
+    A block's backward runs between the gradient of its output arriving and that of its input
+    being computed; autograd runs the other branch of a residual block before or after it, whole.
+    """
+
+    KINDS = (GlobalContext, SqueezeExcite, SimplifiedNonLocal, NonLocal)
+
+    def __init__(self, model: nn.Module) -> None:
+        self.seconds = 0.0
+        self._started: dict[int, float] = {}
+        self._handles = []
+        for module in model.modules():
+            if isinstance(module, self.KINDS):
+                self._handles += [
+                    module.register_forward_pre_hook(lambda m, args: self._start(m)),
+                    module.register_forward_hook(lambda m, args, out: self._stop(m)),
+                    module.register_full_backward_pre_hook(lambda m, grad_out: self._start(m)),
+                    module.register_full_backward_hook(lambda m, grad_in, grad_out: self._stop(m)),
+                ]
+        if not self._handles:
+            raise ValueError(f"no context block ({', '.join(k.__name__ for k in self.KINDS)}) in the model")
+
+    def _start(self, module: nn.Module) -> None:
+        self._started[id(module)] = time.perf_counter()
+
+    def _stop(self, module: nn.Module) -> None:
+        self.seconds += time.perf_counter() - self._started.pop(id(module))
+
+    def share(self, run: Callable[[], None], rounds: int) -> float:
+        """The median over `rounds` calls of the fraction of `run`'s time spent in the blocks."""
+        shares = []
+        for _ in range(rounds):
+            self.seconds = 0.0
+            start = time.perf_counter()
+            run()
+            shares.append(self.seconds / (time.perf_counter() - start))
+        return statistics.median(shares)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
 
 
 def train_step(
@@ -85,9 +137,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
     labels = torch.randint(0, 1000, (batch,))
-    train, infer, params = {}, {}, {}
+    train, infer, params, models = {}, {}, {}, {}
     for name, options in MODELS.items():
-        model = create_model("resnet50", **options).to(memory_format=memory_format)
+        model = models[name] = create_model("resnet50", **options).to(memory_format=memory_format)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train[name] = train_step(model, optimizer, images, labels)
         infer[name] = inference(model, images)
@@ -97,9 +149,16 @@ def main(argv: list[str] | None = None) -> dict:
     train_times = interleaved(train, rounds, warmup=1)
     infer_times = interleaved(infer, rounds, warmup=1)
     base = next(iter(MODELS))
+    shares: dict[str, dict[str, float]] = {}
+    for name in list(MODELS)[1:]:
+        clock = BlockClock(models[name])
+        shares[name] = {"train": clock.share(train[name], min(rounds, 5)),
+                        "infer": clock.share(infer[name], min(rounds, 5))}
+        clock.remove()
     rows = []
     for name in MODELS:
         row: dict = {"model": name, "params": params[name]}
+        row |= {f"{key}_block_share": shares[name][key] if name in shares else None for key in ("train", "infer")}
         for key, times in (("train", train_times), ("infer", infer_times)):
             median, low, high = median_interval(paired_ratios(times[name], times[base]))
             row |= {f"{key}_ms": times[name].median_ms, f"{key}_ratio": median,
@@ -110,14 +169,20 @@ def main(argv: list[str] | None = None) -> dict:
         low, high = r[f"{key}_interval"]
         return f"{ratio(r[f'{key}_ratio'])} ({low:.2f}-{high:.2f})"
 
+    def in_blocks(r: dict) -> str:
+        if r["train_block_share"] is None:
+            return "-"
+        return f"{100 * r['train_block_share']:.1f}% / {100 * r['infer_block_share']:.1f}%"
+
     table = [
         [r["model"], f"{r['params'] / 1e6:.2f}M", ms(r["train_ms"]), with_interval(r, "train"),
-         ms(r["infer_ms"]), with_interval(r, "infer")]
+         ms(r["infer_ms"]), with_interval(r, "infer"), in_blocks(r)]
         for r in rows
     ]
     layout = "channels_last" if args.channels_last else "NCHW"
     print(f"#### batch {batch}, {size}x{size}, {layout}, {rounds} rounds (load {load_before} -> {load()})\n")
-    header = ["model", "params", "train step ms", f"vs {base} (95%)", "inference ms", f"vs {base} (95%)"]
+    header = ["model", "params", "train step ms", f"vs {base} (95%)", "inference ms", f"vs {base} (95%)",
+              "in blocks, train / inference"]
     print(markdown_table(header, table), flush=True)
     result = {
         "batch": batch, "size": size, "layout": layout,

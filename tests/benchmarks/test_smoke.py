@@ -1,14 +1,16 @@
-"""Smoke runs of the benchmark scripts' quick modes: every case runs and reports; no timed assertions."""
+"""Smoke runs of the benchmark scripts' quick modes: every case runs and reports; no speed assertions."""
 
 import json
 import platform
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
 
 from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models
+from gcnet.blocks import GlobalContext
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
 
@@ -40,6 +42,34 @@ def test_model_benchmark_reports_each_model() -> None:
     result = models.main(["--quick", "--threads", "1", "--system-allocator"])
     assert [row["model"] for row in result["rows"]] == list(models.MODELS)
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
+    assert result["rows"][0]["train_block_share"] is None
+    assert all(0 < row["train_block_share"] < 1 for row in result["rows"][1:])
+
+
+class _Sleep(torch.nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.03)
+        return x
+
+
+class _SlowContext(GlobalContext):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        time.sleep(0.03)
+        return super().forward(x)
+
+
+def test_block_clock_counts_the_time_inside_the_blocks_only() -> None:
+    model = torch.nn.Sequential(_Sleep(), _SlowContext(8, reduction=4))
+    x = torch.randn(2, 8, 4, 4, requires_grad=True)
+    clock = models.BlockClock(model)
+    share = clock.share(lambda: model(x).sum().backward(), rounds=3)
+    clock.remove()
+    assert 0.3 < share < 0.85  # half of each step sleeps inside the block, half outside
+    last = clock.seconds
+    model(x).sum().backward()
+    assert clock.seconds == last  # the hooks are gone
+    with pytest.raises(ValueError, match="no context block"):
+        models.BlockClock(torch.nn.Linear(2, 2))
 
 
 def test_attention_block_benchmark_times_each_size_and_restores_the_choice() -> None:
