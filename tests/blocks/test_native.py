@@ -81,8 +81,10 @@ def outputs_and_grads(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
 CONFIGS = {
     ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1},
     ("attention", "scale"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1},
-    ("attention", "both"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1},
-    ("average", "scale"): {"fusion_sums": 1},
+    ("attention", "both"): {
+        "attention_pool": 1, "scale_shift": 1, "attention_pool_backward": 1, "fusion_sums": 1,
+    },
+    ("average", "scale"): {"fusion_sums": 1, "scale_shift": 1},
     ("average", "add"): {},
 }
 
@@ -165,6 +167,10 @@ def test_kernels_match_autograd_for_any_row_and_lane_remainder(C: int, N: int, c
     sums, products = _fused._native.fusion_sums(x_, grad_out_)
     torch.testing.assert_close(sums.double(), grad_out.sum(-1), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(products.double(), (grad_out * x).sum(-1), rtol=tolerance, atol=tolerance)
+    fused = _fused._native.scale_shift(x_, gate_, grad_context_)
+    assert fused.stride() == x_.stride()
+    expected = x * gate.unsqueeze(-1) + grad_context.unsqueeze(-1)
+    torch.testing.assert_close(fused.double(), expected, rtol=tolerance, atol=tolerance)
 
 
 @needs_kernels
@@ -261,3 +267,5 @@ def test_kernels_name_what_they_expect() -> None:
         _fused._native.attention_pool_backward(x, x, weight, alpha, context, context, context[:, :4], 6)
     with pytest.raises(RuntimeError, match="grad_out laid out like x"):
         _fused._native.fusion_sums(x, channels_last)
+    with pytest.raises(RuntimeError, match="scale and shift \\(B, C\\) = \\(2, 8\\)"):
+        _fused._native.scale_shift(x, context, context[:, :4].contiguous())

@@ -177,6 +177,19 @@ def _transposed_is_dense(t: Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(2) == t.shape[1] and t.shape[1] > 1
 
 
+def native_scale_shift(positions: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
+    """positions * scale + shift, (B, C, N) with (B, C) scale and shift, through the CPU kernel.
+
+    None where the kernel does not apply or a gradient is wanted. One pass at memory speed, in the
+    layout of positions; torch's addcmul with two broadcast operands is slower than a copy on CPU.
+    """
+    same_dtype = scale.dtype == shift.dtype == positions.dtype
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, scale, shift))
+    if not same_dtype or wants_grad or not _use_native(positions):
+        return None
+    return _native.scale_shift(positions, scale.contiguous(), shift.contiguous())
+
+
 def fuse(x: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor:
     """z = x * gate + add with (B, C) gate and add broadcast over positions; either may be None."""
     broadcast = x.shape[:2] + (1,) * (x.dim() - 2)  # (B, C, 1, ...)
@@ -184,6 +197,9 @@ def fuse(x: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor:
         return x + add.view(broadcast)
     if add is None:
         return x * gate.view(broadcast)
+    fused = native_scale_shift(x.flatten(2), gate, add)
+    if fused is not None:
+        return fused.view(x.shape)
     return torch.addcmul(add.view(broadcast), x, gate.view(broadcast))
 
 
@@ -266,8 +282,13 @@ class ContextFusion(torch.autograd.Function):
         if key_weight is None:  # average pooling: d context / d x_j = 1/N
             grad_x = None
             if needs[0]:
-                spread = (grad_context / positions.shape[-1]).unsqueeze(-1)  # (B, C, 1)
-                grad_x = grad + spread if gate is None else torch.addcmul(spread, grad, gate.unsqueeze(-1))
+                spread = grad_context / positions.shape[-1]  # (B, C)
+                if gate is None:
+                    grad_x = grad + spread.unsqueeze(-1)
+                else:
+                    grad_x = native_scale_shift(grad, gate, spread) if native else None
+                    if grad_x is None:
+                        grad_x = torch.addcmul(spread.unsqueeze(-1), grad, gate.unsqueeze(-1))
                 grad_x = grad_x.reshape(x.shape)
             return (grad_x, None, None, None, *grad_params)
 

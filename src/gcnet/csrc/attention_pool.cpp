@@ -8,7 +8,8 @@
 //   backward: grad_x = grad_out * gate + grad_context alpha^T + w grad_logits^T and
 //             grad_w = sum_j grad_logits_j x_j over one read of x and grad_out and one write,
 //             with grad_logits_j = alpha_j (grad_context . x_j - grad_context . context);
-//   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate.
+//   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate;
+//   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x).
 // x is (B, C, N) with positions contiguous (NCHW) or channels contiguous (channels_last).
 
 #include <torch/extension.h>
@@ -359,6 +360,29 @@ GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64
   }
 }
 
+// out_j = x_j * scale + shift over one sample, scale and shift (C): the fusion with a gate and an
+// add term, and grad_x = grad_out * gate + grad_context / N under average pooling. One pass; torch's
+// addcmul with two broadcast operands is slower than a copy on CPU.
+template <typename T, bool kChannelsLast>
+GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scale, const T* shift, T* out) {
+  if constexpr (kChannelsLast) {
+    for (int64_t j = 0; j < N; ++j) {
+      const T* row = x + j * C;
+      T* o = out + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) o[c] = row[c] * scale[c] + shift[c];
+    }
+  } else {
+    for (int64_t c = 0; c < C; ++c) {
+      const T* row = x + c * N;
+      T* o = out + c * N;
+      const T s = scale[c], a = shift[c];
+#pragma omp simd
+      for (int64_t j = 0; j < N; ++j) o[j] = row[j] * s + a;
+    }
+  }
+}
+
 #define GCNET_SAMPLE_KERNELS(T)                                                                                 \
   GCNET_CLONES void forward_sample(bool channels_last, const T* x, int64_t C, int64_t N, int64_t P,            \
                                    const T* w, T b, T* alpha, T* context, T* weights) {                        \
@@ -389,6 +413,13 @@ GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64
       fusion_sums_of<T, true>(x, grad_out, C, N, sums, products);                                                 \
     else                                                                                                       \
       fusion_sums_of<T, false>(x, grad_out, C, N, sums, products);                                                \
+  }                                                                                                            \
+  GCNET_CLONES void scale_shift_sample(bool channels_last, const T* x, int64_t C, int64_t N, const T* scale,    \
+                                       const T* shift, T* out) {                                               \
+    if (channels_last)                                                                                         \
+      scale_shift_of<T, true>(x, C, N, scale, shift, out);                                                     \
+    else                                                                                                       \
+      scale_shift_of<T, false>(x, C, N, scale, shift, out);                                                    \
   }
 
 GCNET_SAMPLE_KERNELS(float)
@@ -527,6 +558,26 @@ std::vector<torch::Tensor> fusion_sums(const torch::Tensor& x, const torch::Tens
   return {sums, products};
 }
 
+// x * scale + shift with (B, C) scale and shift broadcast over positions, in x's layout.
+torch::Tensor scale_shift(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& shift) {
+  check_x(x);
+  const bool channels_last = is_channels_last(x);
+  check_vectors("scale and shift", x, {scale, shift});
+  const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
+  auto out = channels_last ? torch::empty({B, N, C}, x.options()).transpose(1, 2) : torch::empty({B, C, N}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale_shift", [&] {
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+    const scalar_t* ap = shift.const_data_ptr<scalar_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        scale_shift_sample(channels_last, xp + i * C * N, C, N, sp + i * C, ap + i * C, op + i * C * N);
+    });
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gcnet CPU kernels: attention pooling and fusion gradients of the global context blocks";
   m.def("attention_pool", &attention_pool, "alpha (B, 1, N), context (B, C) from x (B, C, N)", py::arg("x"),
@@ -537,4 +588,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_context"), py::arg("gate"), py::arg("positions_per_block"));
   m.def("fusion_sums", &fusion_sums, "sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C)", py::arg("x"),
         py::arg("grad_out"));
+  m.def("scale_shift", &scale_shift, "x * scale + shift with (B, C) scale and shift broadcast over positions",
+        py::arg("x"), py::arg("scale"), py::arg("shift"));
 }
