@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     rows = []
     for name in MODELS:
         row: dict = {"model": name, "params": params[name]}
-        row |= {f"{key}_block_share": shares[name][key] if name in shares else None for key in ("train", "infer")}
+        row |= {f"{key}_block_share": shares.get(name, {}).get(key) for key in ("train", "infer")}
         for key, times in (("train", train_times), ("infer", infer_times)):
             median, low, high = median_interval(paired_ratios(times[name], times[base]))
             row |= {f"{key}_ms": times[name].median_ms, f"{key}_ratio": median,

@@ -74,9 +74,7 @@ def train_command(out_dir: Path, seed: int, epochs: int, train: Path | str, test
                "--set", f"train.out_dir={out_dir}", "--set", f"train.seed={seed}",
                "--set", f"train.epochs={epochs}", "--set", "train.threads=1", "--set", "train.progress=false",
                "--set", f"data.train={train}", "--set", f"data.test={test}"]
-    for override in overrides(settings):
-        command += ["--set", override]
-    for override in extra or []:
+    for override in overrides(settings) + (extra or []):
         command += ["--set", override]
     return command
 
