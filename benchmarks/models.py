@@ -3,6 +3,7 @@
     python -m benchmarks.models            # batch 16, 224x224: train step and inference, interleaved
     python -m benchmarks.models --batch 8 --rounds 15   # the ratios with a ~95% interval each
     python -m benchmarks.models --quick    # batch 2, 64x64: a smoke run
+    python -m benchmarks.models --unfused-ends   # also with each block's end as three ops
 
 A train step is forward, cross-entropy, backward and an SGD (momentum) step; inference is forward
 under no_grad in eval mode. The models run in turn within every round, so load from other
@@ -11,7 +12,12 @@ distribution-free ~95% interval for that median (needs >= 6 rounds to be narrowe
 Steps of a few seconds vary by several percent from round to round, more than a few blocks cost;
 so afterwards each model's context blocks are also timed inside its own steps (hooks around their
 forward and backward): the median share of a step spent in them, a lower bound on the overhead
-that ignores their effect on the caches of the layers around them.
+that ignores their effect on the caches of the layers around them. Hooked blocks run unfused (the
+hooks must see their output), so that share is of the block with its own fusion pass.
+
+A residual block ends in ReLU(out + identity), with a context block's add or scale in front where
+it sits before the add (GCNet's place); gcnet does that in one pass over out and identity
+(`fused_block_ends`). `--unfused-ends` adds ResNet-50 and + GC with those ends as three ops.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from benchmarks._common import (
     start_run,
     write_json,
 )
-from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite
+from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, fused_block_ends
 from gcnet.models import create_model
 
 C3_C5 = (False, True, True, True)
@@ -115,6 +121,16 @@ def inference(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
     return run
 
 
+def unfused_ends(run: Callable[[], None]) -> Callable[[], None]:
+    """`run` with every residual block's end as three ops: the blocks' output, the add, the ReLU."""
+
+    def unfused() -> None:
+        with fused_block_ends(False):
+            run()
+
+    return unfused
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -126,6 +142,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--channels-last", action="store_true", help="models and images in channels_last memory"
+    )
+    parser.add_argument(
+        "--unfused-ends", action="store_true",
+        help="also time ResNet-50 and + GC with each block's end as three ops (context, add, ReLU)",
     )
     parser.add_argument("--json", help="also write the results as JSON to this path")
     add_allocator_option(parser)
@@ -144,6 +164,11 @@ def main(argv: list[str] | None = None) -> dict:
         train[name] = train_step(model, optimizer, images, labels)
         infer[name] = inference(model, images)
         params[name] = sum(p.numel() for p in model.parameters())
+    if args.unfused_ends:
+        for name in list(MODELS)[:2]:
+            params[f"{name}, unfused ends"] = params[name]
+            train[f"{name}, unfused ends"] = unfused_ends(train[name])
+            infer[f"{name}, unfused ends"] = unfused_ends(infer[name])
 
     load_before = load()
     train_times = interleaved(train, rounds, warmup=1)
@@ -156,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
                         "infer": clock.share(infer[name], min(rounds, 5))}
         clock.remove()
     rows = []
-    for name in MODELS:
+    for name in train:
         row: dict = {"model": name, "params": params[name]}
         row |= {f"{key}_block_share": shares.get(name, {}).get(key) for key in ("train", "infer")}
         for key, times in (("train", train_times), ("infer", infer_times)):

@@ -171,6 +171,9 @@ def test_kernels_match_autograd_for_any_row_and_lane_remainder(C: int, N: int, c
     assert fused.stride() == x_.stride()
     expected = x * gate.unsqueeze(-1) + grad_context.unsqueeze(-1)
     torch.testing.assert_close(fused.double(), expected, rtol=tolerance, atol=tolerance)
+    fused = _fused._native.scale_shift(x_, gate_, grad_context_, grad_out_)  # a residual block's end
+    assert fused.stride() == x_.stride()
+    torch.testing.assert_close(fused.double(), (expected + grad_out).relu(), rtol=tolerance, atol=tolerance)
 
 
 @needs_kernels
@@ -269,3 +272,5 @@ def test_kernels_name_what_they_expect() -> None:
         _fused._native.fusion_sums(x, channels_last)
     with pytest.raises(RuntimeError, match="scale and shift \\(B, C\\) = \\(2, 8\\)"):
         _fused._native.scale_shift(x, context, context[:, :4].contiguous())
+    with pytest.raises(RuntimeError, match="residual laid out like x"):
+        _fused._native.scale_shift(x, context, context, channels_last)

@@ -1,6 +1,6 @@
 """Context blocks: GC and its three-step framework, SNL, SE and the non-local block."""
 
-from gcnet.blocks._fused import composite_autograd, native_kernels, native_kernels_available
+from gcnet.blocks._fused import composite_autograd, fused_block_ends, native_kernels, native_kernels_available
 from gcnet.blocks.factory import CONTEXT_BLOCKS, ContextFactory, get_context_block
 from gcnet.blocks.global_context import ContextTransform, GlobalContext
 from gcnet.blocks.non_local import NonLocal
@@ -16,6 +16,7 @@ __all__ = [
     "SimplifiedNonLocal",
     "SqueezeExcite",
     "composite_autograd",
+    "fused_block_ends",
     "get_context_block",
     "native_kernels",
     "native_kernels_available",

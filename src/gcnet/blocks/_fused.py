@@ -40,6 +40,7 @@ except ImportError:  # built only where setup.py could compile it
 
 _ENABLED = True
 _NATIVE_ENABLED = True
+_BLOCK_ENDS_FUSED = True
 
 
 @contextlib.contextmanager
@@ -89,6 +90,24 @@ def native_kernels(enabled: bool) -> Iterator[None]:
         yield
     finally:
         _NATIVE_ENABLED = previous
+
+
+@contextlib.contextmanager
+def fused_block_ends(enabled: bool) -> Iterator[None]:
+    """Fuse (True, default) or not (False) a residual block's end, ReLU(context(out) + identity),
+    inside this context: the unfused three ops compute the same numbers; benchmarks compare the two.
+    """
+    global _BLOCK_ENDS_FUSED
+    previous, _BLOCK_ENDS_FUSED = _BLOCK_ENDS_FUSED, enabled
+    try:
+        yield
+    finally:
+        _BLOCK_ENDS_FUSED = previous
+
+
+def block_ends_fused() -> bool:
+    """False inside `fused_block_ends(False)`."""
+    return _BLOCK_ENDS_FUSED
 
 
 def _native_layout(positions: Tensor) -> bool:
@@ -177,17 +196,23 @@ def _transposed_is_dense(t: Tensor) -> bool:
     return t.stride(1) == 1 and t.stride(2) == t.shape[1] and t.shape[1] > 1
 
 
-def native_scale_shift(positions: Tensor, scale: Tensor, shift: Tensor) -> Tensor | None:
-    """positions * scale + shift, (B, C, N) with (B, C) scale and shift, through the CPU kernel.
+def native_scale_shift(
+    positions: Tensor, scale: Tensor, shift: Tensor, residual: Tensor | None = None
+) -> Tensor | None:
+    """positions * scale + shift, (B, C, N) with (B, C) scale and shift, through the CPU kernel;
+    with a residual (B, C, N), ReLU(that + residual).
 
     None where the kernel does not apply or a gradient is wanted. One pass at memory speed, in the
     layout of positions; torch's addcmul with two broadcast operands is slower than a copy on CPU.
     """
     same_dtype = scale.dtype == shift.dtype == positions.dtype
-    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, scale, shift))
+    tensors = (positions, scale, shift) if residual is None else (positions, scale, shift, residual)
+    wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
     if not same_dtype or wants_grad or not _use_native(positions):
         return None
-    return _native.scale_shift(positions, scale.contiguous(), shift.contiguous())
+    if residual is not None and not (type(residual) is Tensor and _same_layout(positions, residual)):
+        return None
+    return _native.scale_shift(positions, scale.contiguous(), shift.contiguous(), residual)
 
 
 def fuse(x: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor:
@@ -203,11 +228,59 @@ def fuse(x: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor:
     return torch.addcmul(add.view(broadcast), x, gate.view(broadcast))
 
 
+def _native_residual_relu(x: Tensor, residual: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor | None:
+    """ReLU(x * gate + add + residual) through the CPU kernel, or None where it does not apply."""
+    if residual.shape != x.shape:
+        return None
+    B, C = x.shape[:2]
+    scale = x.new_ones(B, C) if gate is None else gate
+    shift = x.new_zeros(B, C) if add is None else add
+    out = native_scale_shift(x.flatten(2), scale, shift, residual.flatten(2))
+    return None if out is None else out.view(x.shape)
+
+
+def residual_relu(
+    x: Tensor, residual: Tensor, gate: Tensor | None = None, add: Tensor | None = None
+) -> Tensor:
+    """ReLU(x * gate + add + residual): the end of a residual block, with a context block's fusion.
+
+    gate and add are (B, C) (either may be None: a plain block's ReLU(x + residual)). One pass over
+    x and the residual through the CPU kernel where it applies (the composite ops take two or three).
+    """
+    if gate is None and add is None and fused_enabled(x, residual) and _use_native(x.flatten(2)):
+        return ResidualReLU.apply(x, residual)
+    out = _native_residual_relu(x, residual, gate, add)
+    if out is not None:
+        return out
+    z = x if gate is None and add is None else fuse(x, gate, add)
+    return (z + residual).relu_()
+
+
+class ResidualReLU(torch.autograd.Function):
+    """ReLU(x + residual) in one pass; both inputs receive grad_out where the output is positive."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
+        out = _native_residual_relu(x, residual, None, None)
+        if out is None:
+            out = (x + residual).relu_()
+        ctx.save_for_backward(out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor):  # type: ignore[override]
+        (out,) = ctx.saved_tensors
+        grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
+        return grad, grad
+
+
 Transforms = Callable[[Tensor], tuple[Tensor | None, Tensor | None]]
 
 
 class ContextFusion(torch.autograd.Function):
-    """z = x * gate + add, (gate, add) = transforms(sum_j alpha_j x_j): a whole context block.
+    """z = x * gate + add, (gate, add) = transforms(sum_j alpha_j x_j): a whole context block; with a
+    residual, ReLU(z + residual): the block and the end of the residual block around it.
 
     alpha is softmax_j(W_k x_j + b_k) (attention pooling) or 1/N where the key weight is None
     (average pooling). `transforms` maps the (B, C) context to the sigmoid gate and the add term,
@@ -224,6 +297,7 @@ class ContextFusion(torch.autograd.Function):
         key_weight: Tensor | None,
         key_bias: Tensor | None,
         transforms: Transforms,
+        residual: Tensor | None,
         *params: Tensor,
     ) -> Tensor:
         positions = x.flatten(2)  # (B, C, N)
@@ -235,16 +309,25 @@ class ContextFusion(torch.autograd.Function):
             leaf = context.detach().requires_grad_(True)
             gate, add = transforms(leaf)  # (B, C) each, or None
         gate_value = None if gate is None else gate.detach()
-        ctx.save_for_backward(x, key_weight, weights, context, gate_value, *params)
+        add_value = None if add is None else add.detach()
+        if residual is None:
+            out, saved_out = fuse(x, gate_value, add_value), None
+        else:
+            out = residual_relu(x, residual, gate_value, add_value)
+            saved_out = out
+        ctx.save_for_backward(x, key_weight, weights, context, gate_value, saved_out, *params)
         ctx.graph = (leaf, gate, add)
-        return fuse(x, gate_value, None if add is None else add.detach())
+        return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
-        x, key_weight, weights, context, gate, *params = ctx.saved_tensors
+        x, key_weight, weights, context, gate, out, *params = ctx.saved_tensors
         leaf, gate_graph, add_graph = ctx.graph
         needs = ctx.needs_input_grad
+        grad_residual = None
+        if out is not None:  # through the ReLU: z and the residual receive grad_out where out > 0
+            grad_out = grad_residual = torch.ops.aten.threshold_backward(grad_out, out, 0)
         B, C = x.shape[:2]
         positions = x.flatten(2)  # (B, C, N)
         grad = grad_out.flatten(2)  # (B, C, N)
@@ -264,13 +347,13 @@ class ContextFusion(torch.autograd.Function):
         if add_graph is not None:
             outputs.append(add_graph)
             grad_outputs.append(sums.to(add_graph.dtype))
-        wanted = [p for p, need in zip(params, needs[4:]) if need]
+        wanted = [p for p, need in zip(params, needs[5:]) if need]
         # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
         # transform graph is freed with this node.
         grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True,
                                     allow_unused=True)
         found = iter(grads[1:])
-        grad_params = [next(found) if need else None for need in needs[4:]]
+        grad_params = [next(found) if need else None for need in needs[5:]]
         # Under autocast the pooled weights, the context, the gate and x may differ in dtype: run the
         # products in x's dtype, as autocast ran the forward's.
         dtype = positions.dtype
@@ -290,7 +373,7 @@ class ContextFusion(torch.autograd.Function):
                     if grad_x is None:
                         grad_x = torch.addcmul(spread.unsqueeze(-1), grad, gate.unsqueeze(-1))
                 grad_x = grad_x.reshape(x.shape)
-            return (grad_x, None, None, None, *grad_params)
+            return (grad_x, None, None, None, grad_residual, *grad_params)
 
         if needs[0] and native:
             grad_x, grad_key_weight, grad_key_bias = _native.attention_pool_backward(
@@ -298,7 +381,7 @@ class ContextFusion(torch.autograd.Function):
                 grad_context.contiguous(), gate, positions_per_block(positions),
             )
             return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,
-                    grad_key_bias if needs[2] else None, None, *grad_params)
+                    grad_key_bias if needs[2] else None, None, grad_residual, *grad_params)
 
         weights = weights.to(dtype)
         # d loss / d alpha_j = grad_context . x_j, then the softmax backward.
@@ -321,7 +404,7 @@ class ContextFusion(torch.autograd.Function):
         if needs[1]:
             grad_key_weight = weighted_pool(positions, grad_logits).sum(dim=0, keepdim=True).to(key_weight.dtype)
         grad_key_bias = grad_logits.sum().reshape(1).to(key_weight.dtype) if needs[2] else None
-        return (grad_x, grad_key_weight, grad_key_bias, None, *grad_params)
+        return (grad_x, grad_key_weight, grad_key_bias, None, grad_residual, *grad_params)
 
 
 def attention_blocks(

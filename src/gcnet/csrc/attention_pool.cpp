@@ -9,7 +9,8 @@
 //             grad_w = sum_j grad_logits_j x_j over one read of x and grad_out and one write,
 //             with grad_logits_j = alpha_j (grad_context . x_j - grad_context . context);
 //   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate;
-//   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x).
+//   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x);
+//                with a residual, max(x * scale + shift + residual, 0): fusion, residual add and ReLU.
 // x is (B, C, N) with positions contiguous (NCHW) or channels contiguous (channels_last).
 
 #include <torch/extension.h>
@@ -362,23 +363,38 @@ GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64
 
 // out_j = x_j * scale + shift over one sample, scale and shift (C): the fusion with a gate and an
 // add term, and grad_x = grad_out * gate + grad_context / N under average pooling. One pass; torch's
-// addcmul with two broadcast operands is slower than a copy on CPU.
-template <typename T, bool kChannelsLast>
-GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scale, const T* shift, T* out) {
+// addcmul with two broadcast operands is slower than a copy on CPU. With kResidualRelu,
+// out_j = max(x_j * scale + shift + residual_j, 0): a residual block's fusion, add and ReLU in one
+// pass (the sums in the order of the composite ops).
+template <typename T, bool kChannelsLast, bool kResidualRelu>
+GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scale, const T* shift,
+                                 const T* residual, T* out) {
   if constexpr (kChannelsLast) {
     for (int64_t j = 0; j < N; ++j) {
       const T* row = x + j * C;
       T* o = out + j * C;
+      if constexpr (kResidualRelu) {
+        const T* r = residual + j * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) o[c] = row[c] * scale[c] + shift[c];
+        for (int64_t c = 0; c < C; ++c) o[c] = std::max<T>(row[c] * scale[c] + shift[c] + r[c], T(0));
+      } else {
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) o[c] = row[c] * scale[c] + shift[c];
+      }
     }
   } else {
     for (int64_t c = 0; c < C; ++c) {
       const T* row = x + c * N;
       T* o = out + c * N;
       const T s = scale[c], a = shift[c];
+      if constexpr (kResidualRelu) {
+        const T* r = residual + c * N;
 #pragma omp simd
-      for (int64_t j = 0; j < N; ++j) o[j] = row[j] * s + a;
+        for (int64_t j = 0; j < N; ++j) o[j] = std::max<T>(row[j] * s + a + r[j], T(0));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < N; ++j) o[j] = row[j] * s + a;
+      }
     }
   }
 }
@@ -415,11 +431,15 @@ GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scal
       fusion_sums_of<T, false>(x, grad_out, C, N, sums, products);                                                \
   }                                                                                                            \
   GCNET_CLONES void scale_shift_sample(bool channels_last, const T* x, int64_t C, int64_t N, const T* scale,    \
-                                       const T* shift, T* out) {                                               \
-    if (channels_last)                                                                                         \
-      scale_shift_of<T, true>(x, C, N, scale, shift, out);                                                     \
+                                       const T* shift, const T* residual, T* out) {                            \
+    if (channels_last && residual)                                                                             \
+      scale_shift_of<T, true, true>(x, C, N, scale, shift, residual, out);                                     \
+    else if (channels_last)                                                                                    \
+      scale_shift_of<T, true, false>(x, C, N, scale, shift, residual, out);                                    \
+    else if (residual)                                                                                         \
+      scale_shift_of<T, false, true>(x, C, N, scale, shift, residual, out);                                    \
     else                                                                                                       \
-      scale_shift_of<T, false>(x, C, N, scale, shift, out);                                                    \
+      scale_shift_of<T, false, false>(x, C, N, scale, shift, residual, out);                                   \
   }
 
 GCNET_SAMPLE_KERNELS(float)
@@ -449,13 +469,14 @@ void check_key(const torch::Tensor& x, const torch::Tensor& weight) {
               weight.sizes(), " ", weight.scalar_type());
 }
 
-// grad_out must share x's shape, dtype and layout; returns whether that layout is channels_last.
-bool check_pair(const torch::Tensor& x, const torch::Tensor& grad_out) {
+// grad_out (or another `what`) must share x's shape, dtype and layout; returns whether that layout is
+// channels_last.
+bool check_pair(const torch::Tensor& x, const torch::Tensor& grad_out, const char* what = "grad_out") {
   check_x(x);
   const bool channels_last = is_channels_last(x);
   TORCH_CHECK(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type() &&
                   is_channels_last(grad_out) == channels_last,
-              kName, ": expected grad_out laid out like x ", x.sizes(), " ", x.strides(), ", got ", grad_out.sizes(),
+              kName, ": expected ", what, " laid out like x ", x.sizes(), " ", x.strides(), ", got ", grad_out.sizes(),
               " ", grad_out.strides());
   return channels_last;
 }
@@ -558,21 +579,26 @@ std::vector<torch::Tensor> fusion_sums(const torch::Tensor& x, const torch::Tens
   return {sums, products};
 }
 
-// x * scale + shift with (B, C) scale and shift broadcast over positions, in x's layout.
-torch::Tensor scale_shift(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& shift) {
+// x * scale + shift with (B, C) scale and shift broadcast over positions, in x's layout; with a
+// residual (x's shape and layout), max(x * scale + shift + residual, 0).
+torch::Tensor scale_shift(const torch::Tensor& x, const torch::Tensor& scale, const torch::Tensor& shift,
+                          const std::optional<torch::Tensor>& residual) {
   check_x(x);
   const bool channels_last = is_channels_last(x);
   check_vectors("scale and shift", x, {scale, shift});
+  if (residual) check_pair(x, *residual, "residual");
   const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
   auto out = channels_last ? torch::empty({B, N, C}, x.options()).transpose(1, 2) : torch::empty({B, C, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "scale_shift", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* sp = scale.const_data_ptr<scalar_t>();
     const scalar_t* ap = shift.const_data_ptr<scalar_t>();
+    const scalar_t* rp = residual ? residual->const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        scale_shift_sample(channels_last, xp + i * C * N, C, N, sp + i * C, ap + i * C, op + i * C * N);
+        scale_shift_sample(channels_last, xp + i * C * N, C, N, sp + i * C, ap + i * C, rp ? rp + i * C * N : nullptr,
+                           op + i * C * N);
     });
   });
   return out;
@@ -588,6 +614,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_context"), py::arg("gate"), py::arg("positions_per_block"));
   m.def("fusion_sums", &fusion_sums, "sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C)", py::arg("x"),
         py::arg("grad_out"));
-  m.def("scale_shift", &scale_shift, "x * scale + shift with (B, C) scale and shift broadcast over positions",
-        py::arg("x"), py::arg("scale"), py::arg("shift"));
+  m.def("scale_shift", &scale_shift,
+        "x * scale + shift with (B, C) scale and shift broadcast over positions; max(that + residual, 0) with one",
+        py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual") = py::none());
 }

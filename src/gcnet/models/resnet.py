@@ -21,10 +21,17 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, Union
 
 from torch import Tensor, nn
+from torch.nn.modules.module import (
+    _global_backward_hooks,
+    _global_backward_pre_hooks,
+    _global_forward_hooks,
+    _global_forward_pre_hooks,
+)
 from typing_extensions import Unpack
 
 from gcnet._checks import check_choice, check_input, check_positive_int
-from gcnet.blocks import ContextFactory
+from gcnet.blocks import ContextFactory, GlobalContext
+from gcnet.blocks._fused import block_ends_fused, residual_relu
 from gcnet.models._checks import IMAGE_INPUT_HINTS, check_indices, check_stages
 from gcnet.models._options import BlockOptions, ContextSpec, Position, context_factory, nonlocal_factory
 
@@ -96,6 +103,30 @@ class _ContextSlot(nn.Module):
     def _context_if(self, here: bool, out: Tensor) -> Tensor:
         return self.context(out) if here and self.context is not None else out
 
+    def _add_relu(self, out: Tensor, identity: Tensor) -> Tensor:
+        """ReLU(out + identity), through the context block first where it sits before the add.
+
+        One pass where the CPU kernels apply; a GC/SE/SNL block there fuses its add or scale into it
+        too, unless hooks on it must see its own output.
+        """
+        context = self.context if self._before_add else None
+        if not block_ends_fused():
+            return self.relu(out + identity if context is None else context(out) + identity)
+        if context is None:
+            return residual_relu(out, identity)
+        if isinstance(context, GlobalContext) and not _hooked(context):
+            return context.forward_residual(out, identity)
+        return residual_relu(context(out), identity)
+
+
+def _hooked(module: nn.Module) -> bool:
+    """True where calling `module` would run hooks (its own or global ones)."""
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+        or module._backward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
+        or _global_backward_hooks or _global_backward_pre_hooks
+    )
+
 
 class BasicBlock(_ContextSlot):
     """BasicBlock: 3x3 [+context after_3x3], 3x3 [+context before_add], add, ReLU [+context after_add].
@@ -157,12 +188,10 @@ class BasicBlock(_ContextSlot):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self._context_if(self._after_3x3, out)
         out = self.bn2(self.conv2(out))
-        out = self._context_if(self._before_add, out)
         if self.downsample is not None:
             identity = self.downsample(x)
-        out = self.relu(out + identity)
-        out = self._context_if(self._after_add, out)
-        return out
+        out = self._add_relu(out, identity)
+        return self._context_if(self._after_add, out)
 
 
 class Bottleneck(_ContextSlot):
@@ -232,12 +261,10 @@ class Bottleneck(_ContextSlot):
         out = self.relu(self.bn2(self.conv2(out)))
         out = self._context_if(self._after_3x3, out)
         out = self.bn3(self.conv3(out))
-        out = self._context_if(self._before_add, out)
         if self.downsample is not None:
             identity = self.downsample(x)
-        out = self.relu(out + identity)
-        out = self._context_if(self._after_add, out)
-        return out
+        out = self._add_relu(out, identity)
+        return self._context_if(self._after_add, out)
 
 
 ResidualBlock = Union[BasicBlock, Bottleneck]
