@@ -19,7 +19,7 @@ from gcnet.blocks import (
     native_kernels,
     native_kernels_available,
 )
-from gcnet.models import BasicBlock, Bottleneck
+from gcnet.models import BasicBlock, Bottleneck, create_model
 from tests.models.helpers import randomize_
 
 needs_kernels = pytest.mark.skipif(not native_kernels_available(), reason="gcnet._C is not built")
@@ -176,3 +176,24 @@ def test_unfused_ends_compute_the_same(residual_calls: Counter[str]) -> None:
     assert residual_calls == {"attention_pool": 1}  # the GC block alone, then the add and the ReLU
     with torch.no_grad():
         torch.testing.assert_close(block(x), unfused, rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("context", [None, "gc", "se"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_float32_training_is_bit_identical_to_the_three_ops(context: str | None, channels_last: bool) -> None:
+    """The CIFAR study mixes runs from before and after the fusion: a step must not change a bit."""
+    options = {} if context is None else {"context": context, "reduction": 4}
+    model = randomize_(create_model("cifar_resnet20", num_classes=10, **options))
+    x = torch.randn(4, 3, 32, 32)
+    if channels_last:
+        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    results = []
+    for fused in (True, False):
+        model.zero_grad(set_to_none=True)
+        with fused_block_ends(fused):
+            out = model(x)
+            out.square().sum().backward()
+        results.append([out.detach(), *(p.grad for p in model.parameters())])
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
