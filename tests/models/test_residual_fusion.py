@@ -162,6 +162,21 @@ def test_hooks_on_the_context_block_see_its_own_output() -> None:
     torch.testing.assert_close(added, added[..., :1, :1].expand_as(added), rtol=0, atol=1e-12)
 
 
+class Doubled(GlobalContext):
+    """A user's subclass with its own forward: the fused end must not bypass it."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return 2 * super().forward(x)
+
+
+def test_subclasses_with_their_own_forward_keep_it(residual_calls: Counter[str]) -> None:
+    block = randomize_(Bottleneck(8, 2, context=lambda c: Doubled(c, reduction=4))).double().eval()
+    x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), three_ops(block, x), rtol=1e-12, atol=1e-12)
+    assert residual_calls["scale_shift+residual"] == int(native_kernels_available())
+
+
 def test_a_residual_of_another_shape_is_refused() -> None:
     block = GlobalContext(8, reduction=4)
     with pytest.raises(ValueError, match=r"residual of the input's shape \(2, 8, 4, 4\), got \(2, 8, 4, 2\)"):

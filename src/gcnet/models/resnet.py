@@ -114,14 +114,16 @@ class _ContextSlot(nn.Module):
             return self.relu(out + identity if context is None else context(out) + identity)
         if context is None:
             return residual_relu(out, identity)
-        if isinstance(context, GlobalContext) and not _hooked(context):
+        if _fusable(context):
             return context.forward_residual(out, identity)
         return residual_relu(context(out), identity)
 
 
-def _hooked(module: nn.Module) -> bool:
-    """True where calling `module` would run hooks (its own or global ones)."""
-    return bool(
+def _fusable(module: nn.Module) -> bool:
+    """A GlobalContext whose forward is the library's and that no hook (its own or global) watches."""
+    if not isinstance(module, GlobalContext) or type(module).forward is not GlobalContext.forward:
+        return False
+    return not (
         module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
         or module._backward_pre_hooks or _global_forward_hooks or _global_forward_pre_hooks
         or _global_backward_hooks or _global_backward_pre_hooks
