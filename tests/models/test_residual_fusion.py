@@ -117,9 +117,10 @@ def test_gradcheck_of_the_fused_end(context: str, kernels: bool) -> None:
     torch.manual_seed(0)
     x = torch.randn(2, 8, 2, 3, dtype=torch.float64, requires_grad=True)
     residual = torch.randn(2, 8, 2, 3, dtype=torch.float64, requires_grad=True)
-    if context == "none":
+    if context == "none":  # a plain block: differentiable twice, as the ops it replaces
         with native_kernels(kernels):
             assert torch.autograd.gradcheck(_fused.residual_relu, (x, residual), eps=1e-6, atol=1e-7)
+            assert torch.autograd.gradgradcheck(_fused.residual_relu, (x, residual), eps=1e-6, atol=1e-7)
         return
     block = randomize_(CONTEXTS[context](8)).double()
     names = [n for n, _ in block.named_parameters()]

@@ -9,7 +9,9 @@ pooling, and routes the pooling gradient through broadcast temporaries). `Contex
 the (B, N) weights, the (B, C) gate and the small graph of the transforms on (B, C) vectors; its
 backward reads grad_out and x once for the fusion's gradients and once more for grad_x.
 `BlockwiseAttention` keeps SDPA's forward for the non-local block and replaces CPU flash
-attention's slow backward (small head dims) by bmm over blocks of query rows.
+attention's slow backward (small head dims) by bmm over blocks of query rows. `residual_relu` ends
+a residual block, ReLU(x * gate + add + residual), in one pass (with the context block's fusion
+inside ContextFusion when that block sits before the add).
 
 Where the optional CPU kernels `gcnet._C` are built (see setup.py), attention pooling, its backward
 and the fusion's gradients of a CPU float32/float64 batch run there instead: one read of x per
@@ -257,7 +259,11 @@ def residual_relu(
 
 
 class ResidualReLU(torch.autograd.Function):
-    """ReLU(x + residual) in one pass; both inputs receive grad_out where the output is positive."""
+    """ReLU(x + residual) in one pass; both inputs receive grad_out where the output is positive.
+
+    Its backward is differentiable (ReLU's second derivative is zero), so a plain ResNet keeps
+    double backward without `composite_autograd()`.
+    """
 
     @staticmethod
     def forward(ctx, x: Tensor, residual: Tensor) -> Tensor:  # type: ignore[override]
@@ -268,7 +274,6 @@ class ResidualReLU(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         (out,) = ctx.saved_tensors
         grad = torch.ops.aten.threshold_backward(grad_out, out, 0)
