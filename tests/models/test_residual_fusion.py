@@ -38,7 +38,8 @@ def make_block(kind: str, context: str, dims: int = 2) -> nn.Module:
     if kind == "basic":
         block = BasicBlock(8, 16, downsample=downsample, context=CONTEXTS[context])
     else:
-        block = Bottleneck(8 if dims == 2 else 16, 4, downsample=downsample, context=CONTEXTS[context], dims=dims)
+        channels = 8 if dims == 2 else 16
+        block = Bottleneck(channels, 4, downsample=downsample, context=CONTEXTS[context], dims=dims)
     return randomize_(block).double()
 
 
@@ -203,7 +204,8 @@ def test_float32_training_is_bit_identical_to_the_three_ops(context: str | None,
     model = randomize_(create_model("cifar_resnet20", num_classes=10, **options))
     x = torch.randn(4, 3, 32, 32)
     if channels_last:
-        model, x = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last
+        model, x = model.to(memory_format=layout), x.contiguous(memory_format=layout)
     results = []
     for fused in (True, False):
         model.zero_grad(set_to_none=True)

@@ -230,7 +230,9 @@ def fuse(x: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor:
     return torch.addcmul(add.view(broadcast), x, gate.view(broadcast))
 
 
-def _native_residual_relu(x: Tensor, residual: Tensor, gate: Tensor | None, add: Tensor | None) -> Tensor | None:
+def _native_residual_relu(
+    x: Tensor, residual: Tensor, gate: Tensor | None, add: Tensor | None
+) -> Tensor | None:
     """ReLU(x * gate + add + residual) through the CPU kernel, or None where it does not apply."""
     if residual.shape != x.shape:
         return None

@@ -211,8 +211,10 @@ class GlobalContext(nn.Module):
         Forward hooks are not called: where the block has hooks, call it, then add and apply ReLU.
         """
         if residual.shape != x.shape:
-            raise ValueError(f"{type(self).__name__}: expected a residual of the input's shape {tuple(x.shape)}, "
-                             f"got {tuple(residual.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: expected a residual of the input's shape {tuple(x.shape)}, "
+                f"got {tuple(residual.shape)}"
+            )
         return self._forward(x, residual)
 
     def _forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
