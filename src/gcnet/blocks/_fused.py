@@ -251,7 +251,7 @@ def residual_relu(
     gate and add are (B, C) (either may be None: a plain block's ReLU(x + residual)). One pass over
     x and the residual through the CPU kernel where it applies (the composite ops take two or three).
     """
-    if gate is None and add is None and fused_enabled(x, residual) and _use_native(x.flatten(2)):
+    if gate is None and add is None and fused_enabled(x, residual):
         return ResidualReLU.apply(x, residual)
     out = _native_residual_relu(x, residual, gate, add)
     if out is not None:
@@ -318,11 +318,10 @@ class ContextFusion(torch.autograd.Function):
         gate_value = None if gate is None else gate.detach()
         add_value = None if add is None else add.detach()
         if residual is None:
-            out, saved_out = fuse(x, gate_value, add_value), None
+            out, relu_out = fuse(x, gate_value, add_value), None
         else:
-            out = residual_relu(x, residual, gate_value, add_value)
-            saved_out = out
-        ctx.save_for_backward(x, key_weight, weights, context, gate_value, saved_out, *params)
+            out = relu_out = residual_relu(x, residual, gate_value, add_value)
+        ctx.save_for_backward(x, key_weight, weights, context, gate_value, relu_out, *params)
         ctx.graph = (leaf, gate, add)
         return out
 
