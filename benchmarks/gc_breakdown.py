@@ -7,7 +7,9 @@
 the floor, as in `benchmarks.blocks --warm-cache`), summed per step; "alone" runs the same call on
 the same buffers back to back, where its inputs stay in cache. A kernel much slower in the block
 than alone waits on memory; the rest of a step (the add, grad_out's sum, the transforms' small
-graph, autograd) is the step minus the kernels.
+graph, autograd) is the step minus the kernels. Those other parts are also timed alone, and the sum
+of every part alone is a lower bound on the step with this design, printed as a ratio to the
+floor's forward (what the fwd+bwd target of docs/benchmarks.md divides by).
 """
 
 from __future__ import annotations
@@ -90,11 +92,40 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     finally:
         _fused._native = native
     rows = [[name, f"{seconds / steps * 1e3:.2f}", ""] for name, seconds in parts.items()]
+    alone = {}
     for name, seconds in totals.items():
         args = calls[name]
-        rows.append([f"kernel {name}", f"{seconds / steps * 1e3:.2f}",
-                     f"{mean_ms(lambda: getattr(native, name)(*args), steps):.2f}"])
+        alone[name] = mean_ms(lambda: getattr(native, name)(*args), steps)
+        rows.append([f"kernel {name}", f"{seconds / steps * 1e3:.2f}", f"{alone[name]:.2f}"])
+    alone.update(other_parts(block, x.detach(), grad, steps))
+    floor = alone.pop("floor forward")
+    rows[0][2] = f"{floor:.2f}"
+    rows += [[name, "", f"{ms:.2f}"] for name, ms in alone.items() if name not in totals]
+    rows.append(["sum of the parts alone (lower bound)", "", f"{sum(alone.values()):.2f}"])
+    rows.append(["  the same / floor forward alone", "", f"{sum(alone.values()) / floor:.2f}x"])
     return rows
+
+
+def other_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:
+    """ms per call, alone, of the floor's forward and of the step's parts outside the kernels."""
+    B, C = x.shape[:2]
+    spatial = tuple(range(2, x.dim()))
+    generator = torch.Generator().manual_seed(2)
+    add = torch.randn(B, C, generator=generator)
+    leaf = torch.randn(B, C, generator=generator).requires_grad_(True)
+    params = list(block.add_transform.parameters())
+
+    def transforms() -> None:
+        with torch.enable_grad():
+            torch.autograd.grad(block._transforms(leaf)[1], [leaf, *params], add)
+
+    with torch.no_grad():
+        return {
+            "floor forward": mean_ms(lambda: x + x.sum(dim=spatial, keepdim=True), steps),
+            "fusion: x + add term": mean_ms(lambda: x + add.view(B, C, *(1,) * len(spatial)), steps),
+            "grad_out summed over positions": mean_ms(lambda: grad.sum(dim=spatial), steps),
+            "transforms (B, C), forward + backward": mean_ms(transforms, steps),
+        }
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[object]]]:

@@ -155,4 +155,10 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
     names = [row[0] for row in results["4x32x6x6"]]
     assert names[:3] == ["floor forward", "block forward", "block backward"]
     assert {"kernel attention_pool", "kernel attention_pool_backward"} <= set(names)
+    rows = {row[0]: row[2] for row in results["4x32x6x6"]}
+    parts = ["kernel attention_pool", "kernel attention_pool_backward", "fusion: x + add term",
+             "grad_out summed over positions", "transforms (B, C), forward + backward"]
+    bound = float(rows["sum of the parts alone (lower bound)"])
+    assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=0.02)
+    assert rows["  the same / floor forward alone"].endswith("x")
     assert _fused._native is not None and not isinstance(_fused._native, gc_breakdown._Timed)
