@@ -92,7 +92,7 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     finally:
         _fused._native = native
     rows = [[name, f"{seconds / steps * 1e3:.2f}", ""] for name, seconds in parts.items()]
-    alone = {}
+    alone: dict[str, float] = {}
     for name, seconds in totals.items():
         args = calls[name]
         alone[name] = mean_ms(lambda: getattr(native, name)(*args), steps)
