@@ -77,6 +77,34 @@ def test_grid_writes_results_a_later_sitting_skips_them_and_nl_runs_convert(tmp_
     assert changed == {"nl_seed1.json"}
 
 
+def test_a_queued_run_finished_by_another_driver_is_skipped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gcnet.study as study
+
+    results, work = tmp_path / "results", tmp_path / "work"
+    started = []
+
+    class Child:  # starting none_seed0 "finishes" none_seed1 and nl_seed1 elsewhere
+        returncode = 1
+
+        def __init__(self, command: list[str], **kwargs: object) -> None:
+            started.append(next(a.split("/")[-1] for a in command if a.startswith("train.out_dir=")))
+            results.mkdir(exist_ok=True)
+            for name in ("none_seed1", "nl_seed1"):
+                (results / f"{name}.json").write_text("{}")
+            (results / "checkpoints" / "nl_seed1").mkdir(parents=True, exist_ok=True)
+
+        def poll(self) -> int:
+            return self.returncode
+
+    monkeypatch.setattr(study.subprocess, "Popen", Child)
+    monkeypatch.setattr(study.time, "sleep", lambda seconds: None)
+    assert study.run(work, results, tmp_path, ["none", "nl"], [0, 1], 1, 1) == 0
+    # nl_seed1 has its JSON but not its weights: it still runs; none_seed1 does not.
+    assert started == ["none_seed0", "nl_seed0", "nl_seed1"]
+
+
 def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
     variant, base = {0: 91.0, 1: 90.2, 2: 91.4}, {0: 90.5, 1: 90.0, 2: 90.6}
     mean, half, n = paired_difference(variant, base)

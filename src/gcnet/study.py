@@ -156,10 +156,19 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
     return path
 
 
+def finished(results: Path, variant: str, seed: int) -> bool:
+    """Whether `results` holds the run's JSON (and its kept weights, for a KEEP_WEIGHTS variant)."""
+    recorded = (results / f"{run_name(variant, seed)}.json").is_file()
+    return recorded and not needs_weights(results, variant, seed)
+
+
 def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[int], epochs: int,
         parallel: int, extra: list[str] | None = None) -> int:
     """Run every (variant, seed) without a result JSON, `parallel` at a time, then the recorded runs
-    whose kept weights are missing (their JSON is rewritten); returns how many finished."""
+    whose kept weights are missing (their JSON is rewritten); returns how many finished.
+
+    A queued run that another driver finished meanwhile (same folders) is skipped when its turn comes.
+    """
     work.mkdir(parents=True, exist_ok=True)
     grid = [(v, s) for s in seeds for v in variants]
     queue = [(v, s) for v, s in grid if not (results / f"{run_name(v, s)}.json").is_file()]
@@ -173,6 +182,9 @@ def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[
     while queue or running:
         while queue and len(running) < parallel:
             variant, seed = queue.pop(0)
+            if finished(results, variant, seed):
+                print(time.strftime("%H:%M:%S"), run_name(variant, seed), "finished elsewhere", flush=True)
+                continue
             log = (work / f"{run_name(variant, seed)}.log").open("a")
             command = run_command(work, variant, seed, epochs, data, extra)
             print(time.strftime("%H:%M:%S"), " ".join(command), flush=True)
