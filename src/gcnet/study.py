@@ -151,15 +151,19 @@ def record(work: Path, results: Path, variant: str, seed: int) -> Path | None:
     results.mkdir(parents=True, exist_ok=True)
     if variant in KEEP_WEIGHTS:
         keep_checkpoint(trained.checkpoint, kept_checkpoint(results, variant, seed))
-    path = results / f"{run_name(variant, seed)}.json"
+    path = result_path(results, variant, seed)
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"))
     return path
 
 
+def result_path(results: Path, variant: str, seed: int) -> Path:
+    """The run's result JSON in the results folder."""
+    return results / f"{run_name(variant, seed)}.json"
+
+
 def finished(results: Path, variant: str, seed: int) -> bool:
     """Whether `results` holds the run's JSON (and its kept weights, for a KEEP_WEIGHTS variant)."""
-    recorded = (results / f"{run_name(variant, seed)}.json").is_file()
-    return recorded and not needs_weights(results, variant, seed)
+    return result_path(results, variant, seed).is_file() and not needs_weights(results, variant, seed)
 
 
 def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[int], epochs: int,
@@ -171,8 +175,9 @@ def run(work: Path, results: Path, data: Path, variants: list[str], seeds: list[
     """
     work.mkdir(parents=True, exist_ok=True)
     grid = [(v, s) for s in seeds for v in variants]
-    queue = [(v, s) for v, s in grid if not (results / f"{run_name(v, s)}.json").is_file()]
-    queue += [(v, s) for v, s in grid if (v, s) not in queue and needs_weights(results, v, s)]
+    # Runs without a JSON first, then the recorded ones that lack their kept weights.
+    queue = sorted((run for run in grid if not finished(results, *run)),
+                   key=lambda run: result_path(results, *run).is_file())
     for variant, seed in list(queue):  # finished in an earlier sitting, but not yet recorded
         if record(work, results, variant, seed) is not None:
             queue.remove((variant, seed))
@@ -259,7 +264,7 @@ def convert_nl(work: Path, results: Path, seed: int, batches: int = 4, batch_siz
 
     name = run_name("nl", seed)
     run_dir = kept_checkpoint(results, "nl", seed)
-    if not (results / f"{name}.json").is_file() or needs_weights(results, "nl", seed):
+    if not finished(results, "nl", seed):
         return None
     trained = load_trained(run_dir)
     config = trained.config
