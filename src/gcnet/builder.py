@@ -377,6 +377,24 @@ def load_trained(checkpoint: str | Path, overrides: Sequence[str] = (), model: n
     return Trained(net, config, ckpt)
 
 
+def _evaluation_settings(config: Config, overrides: Sequence[str]) -> tuple[str, str]:
+    """Device and precision to evaluate a checkpoint with: its run's, where they work on this machine.
+
+    A run trained on CUDA is evaluated on the CPU where no GPU is present, and its fp16 (CUDA only)
+    becomes fp32 there; a `train.device` or `train.precision` the caller sets is kept as given.
+    """
+    given = {item.split("=", 1)[0].strip() for item in overrides}
+    device, precision = config.train.device, config.train.precision
+    if device == "cuda" and "train.device" not in given and not torch.cuda.is_available():
+        logger.info("the run trained on CUDA; none here: evaluating on the CPU")
+        device = "cpu"
+    on_cpu = device == "cpu" or not torch.cuda.is_available()
+    if precision == "fp16" and on_cpu and "train.precision" not in given:
+        logger.info("the run trained in fp16, which needs CUDA: evaluating in fp32 on the CPU")
+        precision = "fp32"
+    return device, precision
+
+
 def evaluate_checkpoint(checkpoint: str | Path, data: str, overrides: Sequence[str] = (),
                         annotations: str | None = None, model: nn.Module | None = None,
                         max_images: int | None = None, picture: str | Path | None = None) -> dict[str, Any]:
@@ -397,7 +415,8 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, overrides: Sequence[s
         data, annotations = str(root / "images"), str(root / "annotations" / "instances.json")
     if config.train.threads is not None:
         torch.set_num_threads(config.train.threads)
-    context = distributed.setup(config.train.device)
+    device, precision = _evaluation_settings(config, overrides)
+    context = distributed.setup(device)
     try:
         net = trained.model.to(context.device)
         dataset = trained.eval_dataset(data, annotations, max_images)
@@ -409,11 +428,11 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str, overrides: Sequence[s
                 raise ValueError(f"{annotations}: its categories map to labels differently from the checkpoint's "
                                  "data; evaluate on annotations with the same category list")
             task: Task = DetectionTask(net, dataset, dataset, None, int(ckpt.state["num_classes"]), context.device,
-                                       config.train.precision, config.data.eval_batch_size or 1, config.data.workers,
+                                       precision, config.data.eval_batch_size or 1, config.data.workers,
                                        0, config.train.picture_images, config.train.picture_score_threshold)
         else:
             task = ClassificationTask(net, dataset, dataset, None, ckpt.state.get("classes") or [], context.device,
-                                      config.train.precision, config.model.channels_last, 0.0,
+                                      precision, config.model.channels_last, 0.0,
                                       config.data.eval_batch_size or config.data.batch_size, config.data.workers)
         metrics = task.evaluate(net, "val", context, final=picture is not None) or {}
         if picture is not None and config.task == "detection" and context.is_main:

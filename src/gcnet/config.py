@@ -290,6 +290,9 @@ class TrainConfig:
         label_smoothing: cross-entropy label smoothing (classification).
         precision: "fp32", "bf16" (autocast on CPU or CUDA) or "fp16" (CUDA, with loss scaling).
         device: "auto" (CUDA if available), "cpu" or "cuda".
+        deterministic: only deterministic algorithms (`torch.use_deterministic_algorithms`), so that
+            a CUDA run repeats its losses when run again or resumed; an op without a deterministic
+            kernel then raises (e.g. torchvision's RoIAlign backward on CUDA). CPU runs repeat already.
         threads: torch intra-op threads; null leaves the default.
         allocator: "retained" keeps freed memory in the process (glibc; no page faults on every
             step's large buffers), "system" leaves malloc as it is (also when jemalloc or tcmalloc
@@ -311,6 +314,7 @@ class TrainConfig:
     label_smoothing: float = field(default=0.0, metadata=CLASSIFICATION)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    deterministic: bool = False
     threads: int | None = None
     allocator: Literal["retained", "system"] = "retained"
     out_dir: str = "outputs/run"

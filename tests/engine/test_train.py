@@ -182,6 +182,34 @@ def test_cli_train_and_eval_with_registered_model(images: Path, tmp_path: Path, 
     assert metrics["samples"] == 24 and metrics["step"] == 3
 
 
+def test_a_run_trained_on_cuda_in_fp16_evaluates_on_a_cpu_only_machine(
+        images: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from gcnet.builder import evaluate_checkpoint
+
+    train(config_from_dict(image_config(images, tmp_path / "run", train={"epochs": 1})), model=TinyNet())
+    reference = evaluate_checkpoint(tmp_path / "run", str(images), ["train.device=cpu"], model=TinyNet())
+    state_path = load_checkpoint(tmp_path / "run").path / "state.pt"
+    state = torch.load(state_path, weights_only=True)
+    state["config"]["train"].update(device="cuda", precision="fp16")  # as saved by a GPU run
+    torch.save(state, state_path)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+
+    assert evaluate_checkpoint(tmp_path / "run", str(images), model=TinyNet()) == reference
+    with pytest.raises(ValueError, match="CUDA is not available"):  # asked for explicitly: kept
+        evaluate_checkpoint(tmp_path / "run", str(images), ["train.device=cuda"], model=TinyNet())
+    with pytest.raises(ValueError, match="'fp16' needs CUDA"):
+        evaluate_checkpoint(tmp_path / "run", str(images), ["train.device=cpu", "train.precision=fp16"],
+                            model=TinyNet())
+
+
+def test_deterministic_run_repeats_and_restores_the_callers_setting(images: Path, tmp_path: Path) -> None:
+    config = image_config(images, tmp_path / "a", train={"epochs": 1, "deterministic": True})
+    first = train(config_from_dict(config), model=lambda c: TinyNet())
+    assert not torch.are_deterministic_algorithms_enabled()
+    config["train"]["out_dir"] = str(tmp_path / "b")
+    assert train(config_from_dict(config), model=lambda c: TinyNet()).step_losses == first.step_losses
+
+
 class InfiniteStatistics(TinyNet):
     """TinyNet whose BN running variance turns infinite after `steps` training forwards; the loss stays finite."""
 

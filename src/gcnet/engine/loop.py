@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -104,12 +105,12 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 # Keys a resumed run may change: where things are and how they are shown, and the length of the run.
 RESUMABLE_KEYS = (
-    "train.epochs", "train.out_dir", "train.device", "train.threads", "train.allocator", "train.progress",
-    "train.plot", "train.tensorboard", "train.checkpoint_every_steps", "train.eval_every_epochs",
-    "train.log_every_steps", "train.picture_images", "train.picture_score_threshold", "data.workers",
-    "data.eval_batch_size", "data.cache",
-    "data.on_corrupt", "data.train", "data.val", "data.test", "data.train_annotations", "data.val_annotations",
-    "data.test_annotations", "model.weights", "model.weights_source", "model.compile",
+    "train.epochs", "train.out_dir", "train.device", "train.deterministic", "train.threads",
+    "train.allocator", "train.progress", "train.plot", "train.tensorboard", "train.checkpoint_every_steps",
+    "train.eval_every_epochs", "train.log_every_steps", "train.picture_images", "train.picture_score_threshold",
+    "data.workers", "data.eval_batch_size", "data.cache", "data.on_corrupt", "data.train", "data.val",
+    "data.test", "data.train_annotations", "data.val_annotations", "data.test_annotations", "model.weights",
+    "model.weights_source", "model.compile",
 )
 RUN_FILES = ("config.json", "steps.csv", "metrics.csv", "summary.json", "checkpoints")
 
@@ -209,7 +210,7 @@ def train(config: Config, build: Callable[[distributed.DistContext], RunParts], 
     _check_out_dir(out_dir, resume, overwrite)
     context = distributed.setup(config.train.device)
     try:
-        with _run_lock(out_dir, context):
+        with _run_lock(out_dir, context), _determinism(config.train.deterministic):
             if overwrite and not resume and context.is_main:
                 _clear(out_dir)
             distributed.barrier(context)
@@ -217,6 +218,24 @@ def train(config: Config, build: Callable[[distributed.DistContext], RunParts], 
             return _Loop(config, build(context), context).run(resume)
     finally:
         distributed.cleanup(context)
+
+
+@contextlib.contextmanager
+def _determinism(enabled: bool) -> Iterator[None]:
+    """Deterministic algorithms only while the run lasts (train.deterministic); the caller's setting after."""
+    if not enabled:
+        yield
+        return
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.benchmark)
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable GEMMs
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        torch.backends.cudnn.benchmark = saved[2]
 
 
 class _Loop:
@@ -534,7 +553,10 @@ class _Loop:
         self.scaler.step(optimizer)
         self.scaler.update()
         lr = optimizer.param_groups[0]["lr"]
-        parts.scheduler.step()
+        with warnings.catch_warnings():
+            # fp16: GradScaler skips the optimizer's step on overflow; the schedule advances all the same.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            parts.scheduler.step()
         self.state["step"] += 1
         now = time.perf_counter()
         seconds, self._tick = now - self._tick, now
