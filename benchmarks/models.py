@@ -4,6 +4,7 @@
     python -m benchmarks.models --batch 8 --rounds 15   # the ratios with a ~95% interval each
     python -m benchmarks.models --quick    # batch 2, 64x64: a smoke run
     python -m benchmarks.models --unfused-ends   # also with each block's end as three ops
+    python -m benchmarks.models --device cuda --batch 32 --composite   # on a GPU, vs the composite path
 
 A train step is forward, cross-entropy, backward and an SGD (momentum) step; inference is forward
 under no_grad in eval mode. The models run in turn within every round, so load from other
@@ -17,7 +18,12 @@ hooks must see their output), so that share is of the block with its own fusion 
 
 A residual block ends in ReLU(out + identity), with a context block's add or scale in front where
 it sits before the add (GCNet's place); gcnet does that in one pass over out and identity
-(`fused_block_ends`). `--unfused-ends` adds ResNet-50 and + GC with those ends as three ops.
+(`fused_block_ends`). `--unfused-ends` adds ResNet-50 and + GC with those ends as three ops;
+`--composite` adds + GC and + SE with their blocks on the plain composite autograd path.
+
+On CUDA every step is followed by a synchronisation, the peak memory of one train step (growth of
+the allocator's high-water mark) is reported, and the in-block share is left out (hooks would
+time kernel launches, not the kernels).
 """
 
 from __future__ import annotations
@@ -44,7 +50,8 @@ from benchmarks._common import (
     start_run,
     write_json,
 )
-from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, fused_block_ends
+from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, composite_autograd
+from gcnet.blocks import fused_block_ends
 from gcnet.models import create_model
 
 C3_C5 = (False, True, True, True)
@@ -131,6 +138,33 @@ def unfused_ends(run: Callable[[], None]) -> Callable[[], None]:
     return unfused
 
 
+def composite(run: Callable[[], None]) -> Callable[[], None]:
+    """`run` with the context blocks on their plain composite autograd path."""
+
+    def plain() -> None:
+        with composite_autograd():
+            run()
+
+    return plain
+
+
+def synchronized(run: Callable[[], None]) -> Callable[[], None]:
+    def call() -> None:
+        run()
+        torch.cuda.synchronize()
+
+    return call
+
+
+def cuda_peak_mib(run: Callable[[], None]) -> float:
+    """MiB the CUDA allocator's high-water mark rose above the memory in use while `run` ran once."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -147,19 +181,31 @@ def main(argv: list[str] | None = None) -> dict:
         "--unfused-ends", action="store_true",
         help="also time ResNet-50 and + GC with each block's end as three ops (context, add, ReLU)",
     )
+    parser.add_argument(
+        "--composite", action="store_true",
+        help="also time + GC and + SE with their blocks on the composite autograd path",
+    )
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--json", help="also write the results as JSON to this path")
     add_allocator_option(parser)
     args = parser.parse_args(argv)
-    run_info = start_run(args.threads, args.system_allocator)
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device here")
+    gpu = {}
+    if cuda:
+        gpu["gpu"] = f"{torch.cuda.get_device_name()}, TF32 convolutions {torch.backends.cudnn.allow_tf32}"
+    run_info = start_run(args.threads, args.system_allocator, **gpu)
     batch, size = (2, 64) if args.quick else (args.batch, args.size)
     rounds = args.rounds or (2 if args.quick else 3)
     memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
 
-    images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, 1000, (batch,))
+    images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format).to(args.device)
+    labels = torch.randint(0, 1000, (batch,)).to(args.device)
     train, infer, params, models = {}, {}, {}, {}
     for name, options in MODELS.items():
-        model = models[name] = create_model("resnet50", **options).to(memory_format=memory_format)
+        model = create_model("resnet50", **options).to(args.device, memory_format=memory_format)
+        models[name] = model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train[name] = train_step(model, optimizer, images, labels)
         infer[name] = inference(model, images)
@@ -169,20 +215,29 @@ def main(argv: list[str] | None = None) -> dict:
             params[f"{name}, unfused ends"] = params[name]
             train[f"{name}, unfused ends"] = unfused_ends(train[name])
             infer[f"{name}, unfused ends"] = unfused_ends(infer[name])
+    if args.composite:
+        for name in list(MODELS)[1:]:
+            params[f"{name}, composite"] = params[name]
+            train[f"{name}, composite"] = composite(train[name])
+            infer[f"{name}, composite"] = composite(infer[name])
+    peaks = {name: cuda_peak_mib(run) for name, run in train.items()} if cuda else {}
+    if cuda:
+        train = {name: synchronized(run) for name, run in train.items()}
+        infer = {name: synchronized(run) for name, run in infer.items()}
 
     load_before = load()
     train_times = interleaved(train, rounds, warmup=1)
     infer_times = interleaved(infer, rounds, warmup=1)
     base = next(iter(MODELS))
     shares: dict[str, dict[str, float]] = {}
-    for name in list(MODELS)[1:]:
+    for name in list(MODELS)[1:] if not cuda else []:
         clock = BlockClock(models[name])
         shares[name] = {"train": clock.share(train[name], min(rounds, 5)),
                         "infer": clock.share(infer[name], min(rounds, 5))}
         clock.remove()
     rows = []
     for name in train:
-        row: dict = {"model": name, "params": params[name]}
+        row: dict = {"model": name, "params": params[name], "train_peak_mib": peaks.get(name)}
         row |= {f"{key}_block_share": shares.get(name, {}).get(key) for key in ("train", "infer")}
         for key, times in (("train", train_times), ("infer", infer_times)):
             median, low, high = median_interval(paired_ratios(times[name], times[base]))
@@ -201,16 +256,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     table = [
         [r["model"], f"{r['params'] / 1e6:.2f}M", ms(r["train_ms"]), with_interval(r, "train"),
-         ms(r["infer_ms"]), with_interval(r, "infer"), in_blocks(r)]
+         ms(r["infer_ms"]), with_interval(r, "infer"),
+         f"{r['train_peak_mib']:.0f} MiB" if cuda else in_blocks(r)]
         for r in rows
     ]
     layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"#### batch {batch}, {size}x{size}, {layout}, {rounds} rounds (load {load_before} -> {load()})\n")
+    print(f"#### {args.device}, batch {batch}, {size}x{size}, {layout}, {rounds} rounds "
+          f"(load {load_before} -> {load()})\n")
     header = ["model", "params", "train step ms", f"vs {base} (95%)", "inference ms", f"vs {base} (95%)",
-              "in blocks, train / inference"]
+              "train step peak memory" if cuda else "in blocks, train / inference"]
     print(markdown_table(header, table), flush=True)
     result = {
-        "batch": batch, "size": size, "layout": layout,
+        "device": args.device, "batch": batch, "size": size, "layout": layout,
         "load_before": load_before, "load_after": load(), "rows": rows,
     }
     if args.json:

@@ -211,3 +211,30 @@ def test_nl_analysis_and_conversion_on_cuda() -> None:
     assert 0 < report.kl_fitted < report.kl_uniform
     with torch.no_grad():
         assert torch.isfinite(converted(calibration[0])).all()
+
+
+def test_model_benchmark_on_cuda_reports_time_and_peak_memory() -> None:
+    from benchmarks import models
+
+    result = models.main(["--quick", "--device", "cuda", "--composite"])
+    assert result["device"] == "cuda" and len(result["rows"]) == len(models.MODELS) + 2
+    assert all(row["train_ms"] > 0 and row["train_peak_mib"] > 0 for row in result["rows"])
+
+
+def test_cuda_block_benchmark_reports_every_case() -> None:
+    from benchmarks import cuda_blocks
+
+    results = cuda_blocks.main(["--quick"])
+    assert {r["suite"] for r in results} == {"gc", "nl"}
+    for result in results:
+        rows = result["rows"]
+        assert all(row["fwd_ms"] > 0 and row["fb_ms"] > 0 and row["peak_fb_mib"] >= 0 for row in rows)
+        assert result["max_abs_diff"] < 1e-3  # TF32 convolutions in some cases
+
+
+def test_context_blocks_take_the_composite_ops_on_cuda() -> None:
+    for block in (GlobalContext(16, reduction=4), SqueezeExcite(16, reduction=4)):
+        x = torch.randn(4, 16, 4, 4, requires_grad=True)
+        assert type(block(x).grad_fn).__name__ == "ContextFusionBackward"  # the CPU's fast path
+        y = block.cuda()(x.detach().cuda().requires_grad_(True))
+        assert type(y.grad_fn).__name__ != "ContextFusionBackward"
