@@ -223,8 +223,9 @@ class GlobalContext(nn.Module):
         transforms = [t for t in (self.scale_transform, self.add_transform) if t is not None]
         params = [p for t in transforms for p in t.parameters()]
         extra = () if residual is None else (residual,)
-        if fused_enabled(x, *key, *extra, *params):
-            # The whole block as one autograd function: backward in two passes over x.
+        if x.device.type == "cpu" and fused_enabled(x, *key, *extra, *params):
+            # The whole block as one autograd function: backward in two passes over x. On CUDA the
+            # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "GPU").
             return ContextFusion.apply(x, *key, self._transforms, residual, *params)
         terms = self._transforms(self._pool(x.flatten(2)))
         return fuse(x, *terms) if residual is None else residual_relu(x, residual, *terms)
