@@ -234,8 +234,8 @@ def _native_residual_relu(
     x: Tensor, residual: Tensor, gate: Tensor | None, add: Tensor | None
 ) -> Tensor | None:
     """ReLU(x * gate + add + residual) through the CPU kernel, or None where it does not apply."""
-    if residual.shape != x.shape:
-        return None
+    if residual.shape != x.shape or not _use_native(x.flatten(2)):
+        return None  # before allocating the unit scale and zero shift (launches on CUDA)
     B, C = x.shape[:2]
     scale = x.new_ones(B, C) if gate is None else gate
     shift = x.new_zeros(B, C) if add is None else add
