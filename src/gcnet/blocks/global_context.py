@@ -225,7 +225,7 @@ class GlobalContext(nn.Module):
         extra = () if residual is None else (residual,)
         if x.device.type == "cpu" and fused_enabled(x, *key, *extra, *params):
             # The whole block as one autograd function: backward in two passes over x. On CUDA the
-            # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "GPU").
+            # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "CUDA").
             return ContextFusion.apply(x, *key, self._transforms, residual, *params)
         terms = self._transforms(self._pool(x.flatten(2)))
         return fuse(x, *terms) if residual is None else residual_relu(x, residual, *terms)
