@@ -151,6 +151,26 @@ def interleaved(
     return timings
 
 
+def cuda_synchronized(run: Callable[[], object]) -> Callable[[], None]:
+    """`run` followed by a wait for the GPU, so that a timer around it sees the kernels finish."""
+
+    def call() -> None:
+        run()
+        torch.cuda.synchronize()
+
+    return call
+
+
+def cuda_peak_growth_mib(run: Callable[[], object]) -> float:
+    """MiB the CUDA allocator's high-water mark rose above the memory in use while `run` ran once."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def paired_ratios(case: Timing, base: Timing) -> list[float]:
     """case / base within each round: load that moves between rounds cancels in each ratio."""
     return [c / b for c, b in zip(case.seconds, base.seconds)]

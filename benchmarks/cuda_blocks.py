@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import argparse
 import math
-from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import interleaved, write_json
+from benchmarks._common import cuda_peak_growth_mib, cuda_synchronized, interleaved, write_json
 from benchmarks.blocks import GC_SHAPES, NL_SHAPES, Case, Shape, build, check_agreement, format_result
 from benchmarks.blocks import format_summary, make_inputs, shape_name
 
@@ -33,38 +32,21 @@ class L2Flush:
         torch.cuda.synchronize()
 
 
-def synchronized(run: Callable[[], object]) -> Callable[[], None]:
-    def call() -> None:
-        run()
-        torch.cuda.synchronize()
-
-    return call
-
-
-def peak_growth_mib(run: Callable[[], object]) -> float:
-    """MiB the allocator's high-water mark rose above the memory in use while `run` ran once."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def bench_shape(suite: str, shape: Shape, rounds: int, flush: L2Flush) -> dict:
     x, grad = make_inputs(shape)
     x = x.detach().cuda().requires_grad_(True)
     modules = {name: module.cuda() for name, module in build(suite, shape).items()}
     cases = {name: Case(module, x, grad.cuda()) for name, module in modules.items()}
     agreement = check_agreement(modules, x.detach())
-    forward = interleaved({n: synchronized(c.forward) for n, c in cases.items()}, rounds, 2, flush)
-    backward = interleaved({n: synchronized(c.forward_backward) for n, c in cases.items()}, rounds, 2, flush)
+    forward = interleaved({n: cuda_synchronized(c.forward) for n, c in cases.items()}, rounds, 2, flush)
+    backward = interleaved({n: cuda_synchronized(c.forward_backward) for n, c in cases.items()}, rounds,
+                           2, flush)
     rows = []
     for name, case in cases.items():
         rows.append({
             "case": name, "fwd_ms": forward[name].median_ms, "fb_ms": backward[name].median_ms,
-            "peak_fwd_mib": peak_growth_mib(case.forward),
-            "peak_fb_mib": peak_growth_mib(case.forward_backward),
+            "peak_fwd_mib": cuda_peak_growth_mib(case.forward),
+            "peak_fb_mib": cuda_peak_growth_mib(case.forward_backward),
         })
     return {"suite": suite, "shape": shape_name(shape), "load_before": "-", "load_after": "-",
             "max_abs_diff": agreement, "x_mib": x.numel() * x.element_size() / 2**20, "rows": rows}

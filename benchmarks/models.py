@@ -40,6 +40,8 @@ from torch import nn
 
 from benchmarks._common import (
     add_allocator_option,
+    cuda_peak_growth_mib,
+    cuda_synchronized,
     interleaved,
     load,
     markdown_table,
@@ -148,23 +150,6 @@ def composite(run: Callable[[], None]) -> Callable[[], None]:
     return plain
 
 
-def synchronized(run: Callable[[], None]) -> Callable[[], None]:
-    def call() -> None:
-        run()
-        torch.cuda.synchronize()
-
-    return call
-
-
-def cuda_peak_mib(run: Callable[[], None]) -> float:
-    """MiB the CUDA allocator's high-water mark rose above the memory in use while `run` ran once."""
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    run()
-    return (torch.cuda.max_memory_allocated() - before) / 2**20
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -220,10 +205,10 @@ def main(argv: list[str] | None = None) -> dict:
             params[f"{name}, composite"] = params[name]
             train[f"{name}, composite"] = composite(train[name])
             infer[f"{name}, composite"] = composite(infer[name])
-    peaks = {name: cuda_peak_mib(run) for name, run in train.items()} if cuda else {}
+    peaks = {name: cuda_peak_growth_mib(run) for name, run in train.items()} if cuda else {}
     if cuda:
-        train = {name: synchronized(run) for name, run in train.items()}
-        infer = {name: synchronized(run) for name, run in infer.items()}
+        train = {name: cuda_synchronized(run) for name, run in train.items()}
+        infer = {name: cuda_synchronized(run) for name, run in infer.items()}
 
     load_before = load()
     train_times = interleaved(train, rounds, warmup=1)
