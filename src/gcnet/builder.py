@@ -333,7 +333,8 @@ def build_run(config: Config, context: distributed.DistContext, model: ModelArg 
                                 t.accumulation_steps, t.seed, task.groups)
     if sampler.steps == 0:
         raise ValueError(f"the training set ({len(train_set)} samples) gives no full batch of {d.batch_size}")
-    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=d.workers, collate_fn=task.collate)
+    loader = DataLoader(train_set, batch_sampler=sampler, num_workers=d.workers, collate_fn=task.collate,
+                        pin_memory=context.device.type == "cuda")  # page-locked: copies overlap with compute
     steps = min(sampler.steps, t.max_steps_per_epoch or sampler.steps)
     optimizer = build_optimizer(task.model, config.optim)
     scheduler = build_scheduler(optimizer, config.schedule, t.epochs, steps)

@@ -45,6 +45,7 @@ def make_eval_loader(dataset: Dataset, batch_size: int, workers: int, context: D
         sampler=ShardSampler(len(dataset), context.world_size, context.rank),  # type: ignore[arg-type]
         num_workers=workers,
         collate_fn=collate_skipping,
+        pin_memory=context.device.type == "cuda",
     )
 
 
