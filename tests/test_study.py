@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gcnet.study import load_results, load_speed, main, paired_difference, summary_table
+from gcnet.study import (load_results, load_speed, main, paired_difference, pairwise_table,
+                         summary_table)
 from tests.engine.tiny import make_image_folder
 
 SMOKE = ["data.batch_size=8", "data.eval_batch_size=16", "data.workers=0", "data.val_fraction=0.25",
@@ -113,6 +114,18 @@ def test_paired_difference_is_the_t_interval_of_per_seed_differences() -> None:
     assert half == pytest.approx(4.303 * statistics.stdev(differences) / math.sqrt(3))
     assert paired_difference({0: 1.0}, {0: 2.0}) is None
     assert "not run yet" in summary_table(load_results(Path("/nonexistent")))
+
+
+def test_pairwise_table_is_antisymmetric_and_marks_intervals_that_exclude_zero() -> None:
+    accs = {"none": [90.0, 90.1, 89.9], "se": [90.5, 90.7, 90.4], "nl": [90.0, 90.6, 89.5]}
+    results = {v: {s: {"test_top1": a} for s, a in enumerate(values)} for v, values in accs.items()}
+    lines = pairwise_table(results).splitlines()[2:]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in lines}
+    order = ["none", "se", "nl"]  # the study's order of variants
+    assert list(rows) == order
+    # se - none per seed: 0.5, 0.6, 0.5; sd 0.058, half-width 4.303 * 0.058 / sqrt(3) = 0.14
+    assert rows["se"][0] == "+0.53 ± 0.14*" and rows["none"][1] == "-0.53 ± 0.14*"
+    assert not rows["nl"][0].endswith("*") and rows["nl"][2].rstrip(" |") == "-"
 
 
 

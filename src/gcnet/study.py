@@ -475,6 +475,25 @@ def summary_table(results: dict[str, dict[int, dict[str, Any]]],
     return "\n".join(lines)
 
 
+def pairwise_table(results: dict[str, dict[int, dict[str, Any]]]) -> str:
+    """Markdown matrix of paired differences, row minus column, with 95% t intervals over shared seeds.
+
+    A `*` marks an interval that excludes zero; with k variants there are k(k-1)/2 comparisons, so
+    about one in twenty such marks is expected by chance alone.
+    """
+    variants = [v for v in VARIANTS if results.get(v)]
+    accs = {v: {s: r["test_top1"] for s, r in results[v].items()} for v in variants}
+    lines = ["| row - column | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    for a in variants:
+        cells = []
+        for b in variants:
+            diff = paired_difference(accs[a], accs[b]) if a != b else None
+            mark = "*" if diff and abs(diff[0]) > diff[1] else ""
+            cells.append(f"{diff[0]:+.2f} ± {diff[1]:.2f}{mark}" if diff else "-")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def summary_figure(results: dict[str, dict[int, dict[str, Any]]], path: Path) -> Path | None:
     """Test top-1 per variant: every seed as a dot, the mean as a bar; None without results."""
     import matplotlib
@@ -549,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     results = load_results(args.results)
     table = summary_table(results, load_speed(args.results))
+    if results:
+        table += "\n\nPaired differences of test top-1, row - column (95% t interval; * excludes zero):\n\n"
+        table += pairwise_table(results)
     print(table)
     if results:
         args.results.mkdir(parents=True, exist_ok=True)
