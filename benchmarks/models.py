@@ -33,6 +33,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 
 import torch
 import torch.nn.functional as F
@@ -130,24 +131,17 @@ def inference(model: nn.Module, images: torch.Tensor) -> Callable[[], None]:
     return run
 
 
-def unfused_ends(run: Callable[[], None]) -> Callable[[], None]:
-    """`run` with every residual block's end as three ops: the blocks' output, the add, the ReLU."""
+def within(
+    make_context: Callable[[], AbstractContextManager[None]], run: Callable[[], None]
+) -> Callable[[], None]:
+    """`run` inside a fresh `make_context()` each call, e.g. `fused_block_ends(False)` (each residual
+    block's end as three ops) or `composite_autograd` (the blocks on the plain autograd path)."""
 
-    def unfused() -> None:
-        with fused_block_ends(False):
+    def call() -> None:
+        with make_context():
             run()
 
-    return unfused
-
-
-def composite(run: Callable[[], None]) -> Callable[[], None]:
-    """`run` with the context blocks on their plain composite autograd path."""
-
-    def plain() -> None:
-        with composite_autograd():
-            run()
-
-    return plain
+    return call
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -198,13 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.unfused_ends:
         for name in list(MODELS)[:2]:
             params[f"{name}, unfused ends"] = params[name]
-            train[f"{name}, unfused ends"] = unfused_ends(train[name])
-            infer[f"{name}, unfused ends"] = unfused_ends(infer[name])
+            train[f"{name}, unfused ends"] = within(lambda: fused_block_ends(False), train[name])
+            infer[f"{name}, unfused ends"] = within(lambda: fused_block_ends(False), infer[name])
     if args.composite:
         for name in list(MODELS)[1:]:
             params[f"{name}, composite"] = params[name]
-            train[f"{name}, composite"] = composite(train[name])
-            infer[f"{name}, composite"] = composite(infer[name])
+            train[f"{name}, composite"] = within(composite_autograd, train[name])
+            infer[f"{name}, composite"] = within(composite_autograd, infer[name])
     peaks = {name: cuda_peak_growth_mib(run) for name, run in train.items()} if cuda else {}
     if cuda:
         train = {name: cuda_synchronized(run) for name, run in train.items()}
