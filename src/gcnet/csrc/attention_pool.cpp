@@ -104,32 +104,37 @@ GCNET_INLINE void store(T* p, const V& v) {
   std::memcpy(p, &v, sizeof(V));
 }
 
-// Online softmax over positions, one block at a time; the caller accumulates the context.
+// Online softmax over positions, one block at a time; the caller accumulates the context. Each
+// block's logits become exp(logit - the running max) in place, once: finish rescales them by block.
 template <typename T>
 struct OnlineSoftmax {
   T max = -std::numeric_limits<T>::infinity();
   T total = 0;
 
-  // weights_j = exp(logits_j - new max) for the block; returns the factor for what was summed so far.
-  GCNET_INLINE T add_block(const T* logits, int64_t n, T* weights) {
+  // values_j = exp(values_j - new max) for the block; returns the factor for what was summed so far.
+  GCNET_INLINE T add_block(T* values, int64_t n) {
     T block_max = max;
-    for (int64_t j = 0; j < n; ++j) block_max = std::max(block_max, logits[j]);
+#pragma omp simd reduction(max : block_max)
+    for (int64_t j = 0; j < n; ++j) block_max = values[j] > block_max ? values[j] : block_max;  // std::max: scalar
     const T rescale = std::exp(max - block_max);
+    for (int64_t j = 0; j < n; ++j) values[j] = std::exp(values[j] - block_max);
     T block_total = 0;
-    for (int64_t j = 0; j < n; ++j) {
-      weights[j] = std::exp(logits[j] - block_max);
-      block_total += weights[j];
-    }
+#pragma omp simd reduction(+ : block_total)
+    for (int64_t j = 0; j < n; ++j) block_total += values[j];
     total = total * rescale + block_total;
     max = block_max;
     return rescale;
   }
 
-  // Normalises the context (C) and turns the logits kept in alpha (N) into the softmax.
-  GCNET_INLINE void finish(T* context, int64_t C, T* alpha, int64_t N) const {
+  // Normalises the context (C) and alpha (N), whose block b of P values is relative to maxes[b].
+  GCNET_INLINE void finish(T* context, int64_t C, T* alpha, int64_t N, int64_t P, const T* maxes) const {
     const T inverse = T(1) / total;
     for (int64_t c = 0; c < C; ++c) context[c] *= inverse;
-    for (int64_t j = 0; j < N; ++j) alpha[j] = std::exp(alpha[j] - max) * inverse;
+    for (int64_t j0 = 0, b = 0; j0 < N; j0 += P, ++b) {
+      const T factor = std::exp(maxes[b] - max) * inverse;
+      const int64_t end = std::min(N, j0 + P);
+      for (int64_t j = j0; j < end; ++j) alpha[j] *= factor;
+    }
   }
 };
 
@@ -205,19 +210,20 @@ GCNET_INLINE void block_accumulate(const T* x, int64_t C, int64_t N, int64_t j0,
   }
 }
 
-// alpha (N) holds the logits until the softmax; weights is scratch (P).
+// alpha (N) holds the logits, then their exps until the softmax; maxes is scratch (one per block).
 template <typename T, bool kChannelsLast>
 GCNET_INLINE void pool_forward(const T* x, int64_t C, int64_t N, int64_t P, const T* w, T b, T* alpha, T* context,
-                               T* weights) {
+                               T* maxes) {
   std::fill(context, context + C, T(0));
   OnlineSoftmax<T> softmax;
-  for (int64_t j0 = 0; j0 < N; j0 += P) {
+  for (int64_t j0 = 0, block = 0; j0 < N; j0 += P, ++block) {
     const int64_t n = std::min(P, N - j0);
     block_logits<T, kChannelsLast>(x, C, N, j0, n, w, b, alpha + j0);
-    const T rescale = softmax.add_block(alpha + j0, n, weights);
-    block_accumulate<T, kChannelsLast>(x, C, N, j0, n, weights, rescale, context);
+    const T rescale = softmax.add_block(alpha + j0, n);
+    maxes[block] = softmax.max;
+    block_accumulate<T, kChannelsLast>(x, C, N, j0, n, alpha + j0, rescale, context);
   }
-  softmax.finish(context, C, alpha, N);
+  softmax.finish(context, C, alpha, N, P, maxes);
 }
 
 // grad_x = grad_out [* gate] + grad_context alpha_j + w dl_j and grad_w += sum_j dl_j x_j over
@@ -401,11 +407,11 @@ GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scal
 
 #define GCNET_SAMPLE_KERNELS(T)                                                                                 \
   GCNET_CLONES void forward_sample(bool channels_last, const T* x, int64_t C, int64_t N, int64_t P,            \
-                                   const T* w, T b, T* alpha, T* context, T* weights) {                        \
+                                   const T* w, T b, T* alpha, T* context, T* maxes) {                          \
     if (channels_last)                                                                                         \
-      pool_forward<T, true>(x, C, N, P, w, b, alpha, context, weights);                                        \
+      pool_forward<T, true>(x, C, N, P, w, b, alpha, context, maxes);                                          \
     else                                                                                                       \
-      pool_forward<T, false>(x, C, N, P, w, b, alpha, context, weights);                                       \
+      pool_forward<T, false>(x, C, N, P, w, b, alpha, context, maxes);                                         \
   }                                                                                                            \
   GCNET_CLONES void backward_sample(bool channels_last, const T* x, const T* grad_out, int64_t C, int64_t N,    \
                                     int64_t P, const T* w, const T* gate, const T* alpha, const T* grad_context, \
@@ -513,9 +519,9 @@ std::vector<torch::Tensor> attention_pool(const torch::Tensor& x, const torch::T
     scalar_t* ap = alpha.data_ptr<scalar_t>();
     scalar_t* cp = context.data_ptr<scalar_t>();
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      std::vector<scalar_t> weights(P);
+      std::vector<scalar_t> maxes((N + P - 1) / P);
       for (int64_t i = begin; i < end; ++i)
-        forward_sample(channels_last, xp + i * C * N, C, N, P, wp, b, ap + i * N, cp + i * C, weights.data());
+        forward_sample(channels_last, xp + i * C * N, C, N, P, wp, b, ap + i * N, cp + i * C, maxes.data());
     });
   });
   return {alpha, context};
