@@ -30,6 +30,7 @@ from benchmarks._common import (
     add_allocator_option,
     interleaved,
     load,
+    median_interval,
     markdown_table,
     memory_in_subprocesses,
     ms,
@@ -284,6 +285,32 @@ def run_memory_case(spec: str, threads: int) -> None:
     print(json.dumps({"peak_mib": peak_growth_mib(run)}))
 
 
+def time_cases(
+    cases: dict[str, Case], rounds: int, warmup: int, before_each: Callable[[], None] | None = None,
+    wrap: Callable[[Callable[[], object]], Callable[[], object]] = lambda run: run,
+) -> list[dict]:
+    """Every case's forward and forward+backward in the same rounds: a row per case with the medians
+    and each round's seconds, so that a ratio can be taken within each round (`paired`)."""
+    runs = {f"{n}:fwd": wrap(c.forward) for n, c in cases.items()}
+    runs |= {f"{n}:fb": wrap(c.forward_backward) for n, c in cases.items()}
+    timings = interleaved(runs, rounds, warmup, before_each)
+    return [
+        {"case": n, "fwd_ms": timings[f"{n}:fwd"].median_ms, "fb_ms": timings[f"{n}:fb"].median_ms,
+         "fwd_s": timings[f"{n}:fwd"].seconds, "fb_s": timings[f"{n}:fb"].seconds}
+        for n in cases
+    ]
+
+
+def paired(numerator: dict, num_key: str, denominator: dict, den_key: str) -> tuple[float, float, float]:
+    """Median (~95% interval) of numerator / denominator within each round (keys "fwd" or "fb").
+
+    Memory bandwidth on a shared VM drifts within seconds (a sum over x took 0.5 and 1.1 ms in the
+    same hour); a ratio within a round cancels what a ratio of medians taken minutes apart would not.
+    """
+    a, b = numerator[f"{num_key}_s"], denominator[f"{den_key}_s"]
+    return median_interval([x / y for x, y in zip(a, b)])
+
+
 def bench_shape(
     suite: str, shape: Shape, rounds: int, memory: bool, compile_: bool, quick: bool,
     evict: CacheEviction | None = None,
@@ -293,9 +320,7 @@ def bench_shape(
     cases = {name: Case(module, x, grad) for name, module in modules.items()}
     load_before = load()
     agreement = check_agreement(modules, x.detach())
-    warmup = 2 if suite == "gc" else 1
-    forward = interleaved({n: c.forward for n, c in cases.items()}, max(rounds, 2), warmup, evict)
-    backward = interleaved({n: c.forward_backward for n, c in cases.items()}, rounds, warmup, evict)
+    rows = time_cases(cases, rounds, 2 if suite == "gc" else 1, evict)
     peaks: dict[str, float | str] = {}
     if memory:
         names = [n for n in cases if "compile" not in n]
@@ -303,17 +328,9 @@ def bench_shape(
         specs = [f"{suite}:{shape_name(shape)}:{n}:{m}" for n in names for m in ("fwd", "fb")]
         peaks = memory_in_subprocesses("benchmarks.blocks", specs, workers=2 if suite == "gc" else 1)
         peaks = {k.split(":", 2)[2]: v for k, v in peaks.items()}  # "name:mode" -> MiB
-    rows = []
-    for name in cases:
-        rows.append(
-            {
-                "case": name,
-                "fwd_ms": forward[name].median_ms,
-                "fb_ms": backward[name].median_ms,
-                "peak_fwd_mib": peaks.get(f"{name}:fwd"),
-                "peak_fb_mib": peaks.get(f"{name}:fb"),
-            }
-        )
+    for row in rows:
+        row["peak_fwd_mib"] = peaks.get(f"{row['case']}:fwd")
+        row["peak_fb_mib"] = peaks.get(f"{row['case']}:fb")
     return {
         "suite": suite,
         "shape": shape_name(shape),
@@ -340,14 +357,14 @@ def format_result(result: dict) -> str:
     )
     if result["suite"] == "gc":
         floor = rows[0]
-        timm_fb = next((r["fb_ms"] for r in rows if r["case"].startswith("timm")), None)
+        timm = next((r for r in rows if r["case"].startswith("timm")), None)
         header = ["case", "fwd ms", "fwd / floor", "fwd+bwd ms", "fwd+bwd / floor fwd",
                   "fwd+bwd / floor fwd+bwd", "timm fwd+bwd / this", "peak fwd MiB", "peak fwd+bwd MiB"]
         table = [
             [
-                r["case"], ms(r["fwd_ms"]), ratio(r["fwd_ms"] / floor["fwd_ms"]), ms(r["fb_ms"]),
-                ratio(r["fb_ms"] / floor["fwd_ms"]), ratio(r["fb_ms"] / floor["fb_ms"]),
-                "-" if timm_fb is None else ratio(timm_fb / r["fb_ms"]),
+                r["case"], ms(r["fwd_ms"]), within(r, "fwd", floor, "fwd"), ms(r["fb_ms"]),
+                within(r, "fb", floor, "fwd"), within(r, "fb", floor, "fb"),
+                "-" if timm is None else within(timm, "fb", r, "fb"),
                 format_memory(r["peak_fwd_mib"]), format_memory(r["peak_fb_mib"]),
             ]
             for r in rows
@@ -358,8 +375,8 @@ def format_result(result: dict) -> str:
                   "peak fwd MiB", "peak fwd+bwd MiB"]
         table = [
             [
-                r["case"], ms(r["fwd_ms"]), ratio(naive["fwd_ms"] / r["fwd_ms"]), ms(r["fb_ms"]),
-                ratio(naive["fb_ms"] / r["fb_ms"]),
+                r["case"], ms(r["fwd_ms"]), within(naive, "fwd", r, "fwd"), ms(r["fb_ms"]),
+                within(naive, "fb", r, "fb"),
                 format_memory(r["peak_fwd_mib"]), format_memory(r["peak_fb_mib"]),
             ]
             for r in rows
@@ -371,10 +388,16 @@ def _row(result: dict, prefix: str) -> dict | None:
     return next((r for r in result["rows"] if r["case"].startswith(prefix)), None)
 
 
+def within(numerator: dict, num_key: str, denominator: dict, den_key: str, interval: bool = False) -> str:
+    """`paired` as text: "1.23x", or "1.23x (1.10-1.31)" with its interval."""
+    middle, low, high = paired(numerator, num_key, denominator, den_key)
+    return ratio(middle) + (f" ({low:.2f}-{high:.2f})" if interval else "")
+
+
 def _speedup(result: dict, slow: str, fast: str, key: str) -> str:
     """slow row's time / fast row's time, e.g. how much faster the CPU kernels are than the PyTorch ops."""
     a, b = _row(result, slow), _row(result, fast)
-    return "-" if a is None or b is None else ratio(a[key] / b[key])
+    return "-" if a is None or b is None else within(a, key, b, key)
 
 
 def format_summary(results: list[dict]) -> str:
@@ -388,12 +411,12 @@ def format_summary(results: list[dict]) -> str:
         for result in gc:
             floor, block, se = (_row(result, name) for name in ("floor", "gcnet GC r16", "gcnet SE r16"))
             table.append([
-                result["shape"], ratio(block["fwd_ms"] / floor["fwd_ms"]),
-                ratio(block["fb_ms"] / floor["fwd_ms"]),
-                _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fwd_ms") + ", "
-                + _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fb_ms"),
-                _speedup(result, "timm", "gcnet GC r16", "fb_ms"), ratio(se["fb_ms"] / floor["fwd_ms"]),
-                _speedup(result, "gcnet SE, PyTorch", "gcnet SE r16", "fb_ms"),
+                result["shape"], within(block, "fwd", floor, "fwd", interval=True),
+                within(block, "fb", floor, "fwd", interval=True),
+                _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fwd") + ", "
+                + _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fb"),
+                _speedup(result, "timm", "gcnet GC r16", "fb"), within(se, "fb", floor, "fwd", interval=True),
+                _speedup(result, "gcnet SE, PyTorch", "gcnet SE r16", "fb"),
             ])
         out.append(markdown_table(header, table))
     nl = [r for r in results if r["suite"] == "nl"]
@@ -407,8 +430,8 @@ def format_summary(results: list[dict]) -> str:
             if all(isinstance(v, (int, float)) for v in measured):
                 peaks = ", ".join(f"{block[k]:.0f} MiB ({100 * block[k] / naive[k]:.1f}%)"
                                   for k in ("peak_fwd_mib", "peak_fb_mib"))
-            table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd_ms"),
-                          _speedup(result, "naive NL", "gcnet NL", "fb_ms"), peaks])
+            table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd"),
+                          _speedup(result, "naive NL", "gcnet NL", "fb"), peaks])
         out.append(markdown_table(header, table))
     return "\n\n".join(out) + "\n"
 

@@ -16,9 +16,9 @@ import math
 
 import torch
 
-from benchmarks._common import cuda_peak_growth_mib, cuda_synchronized, interleaved, write_json
+from benchmarks._common import cuda_peak_growth_mib, cuda_synchronized, write_json
 from benchmarks.blocks import GC_SHAPES, NL_SHAPES, Case, Shape, build, check_agreement, format_result
-from benchmarks.blocks import format_summary, make_inputs, shape_name
+from benchmarks.blocks import format_summary, make_inputs, shape_name, time_cases
 
 
 class L2Flush:
@@ -38,16 +38,10 @@ def bench_shape(suite: str, shape: Shape, rounds: int, flush: L2Flush) -> dict:
     modules = {name: module.cuda() for name, module in build(suite, shape).items()}
     cases = {name: Case(module, x, grad.cuda()) for name, module in modules.items()}
     agreement = check_agreement(modules, x.detach())
-    forward = interleaved({n: cuda_synchronized(c.forward) for n, c in cases.items()}, rounds, 2, flush)
-    backward = interleaved({n: cuda_synchronized(c.forward_backward) for n, c in cases.items()}, rounds,
-                           2, flush)
-    rows = []
-    for name, case in cases.items():
-        rows.append({
-            "case": name, "fwd_ms": forward[name].median_ms, "fb_ms": backward[name].median_ms,
-            "peak_fwd_mib": cuda_peak_growth_mib(case.forward),
-            "peak_fb_mib": cuda_peak_growth_mib(case.forward_backward),
-        })
+    rows = time_cases(cases, rounds, 2, flush, wrap=cuda_synchronized)
+    for row, case in zip(rows, cases.values()):
+        row["peak_fwd_mib"] = cuda_peak_growth_mib(case.forward)
+        row["peak_fb_mib"] = cuda_peak_growth_mib(case.forward_backward)
     return {"suite": suite, "shape": shape_name(shape), "load_before": "-", "load_after": "-",
             "max_abs_diff": agreement, "x_mib": x.numel() * x.element_size() / 2**20, "rows": rows}
 

@@ -109,6 +109,18 @@ def test_cache_eviction_runs_before_every_timed_call() -> None:
     assert _common.CacheEviction(0).buffer is None
 
 
+def test_block_ratios_are_taken_within_each_round() -> None:
+    """A slow round of one case moves a ratio of medians (3.0 / 2.0) but not the per-round ratios."""
+    floor = {"case": "floor", "fwd_s": [1.0, 3.0, 2.0], "fb_s": [2.0, 6.0, 4.0]}
+    block = {"case": "block", "fwd_s": [3.0, 3.3, 2.2], "fb_s": [4.0, 12.0, 8.0]}
+    assert blocks.paired(block, "fwd", floor, "fwd")[0] == pytest.approx(1.1)
+    assert blocks.paired(block, "fb", floor, "fwd")[0] == pytest.approx(4.0)
+    assert blocks.within(block, "fb", floor, "fb", interval=True) == "2.00x (2.00-2.00)"
+    case = blocks.Case(torch.nn.Identity(), torch.zeros(2, requires_grad=True), torch.ones(2))
+    rows = blocks.time_cases({"a": case}, 3, 1)
+    assert len(rows[0]["fwd_s"]) == len(rows[0]["fb_s"]) == 3
+
+
 def test_eviction_buffer_outgrows_the_last_level_cache() -> None:
     llc = _common.last_level_cache_bytes()
     mib = _common.CacheEviction.mib_for_this_machine()
