@@ -27,13 +27,15 @@ from torch import Tensor, nn
 
 from benchmarks._common import (
     CacheEviction,
+    Timing,
     add_allocator_option,
     interleaved,
     load,
-    median_interval,
     markdown_table,
+    median_interval,
     memory_in_subprocesses,
     ms,
+    paired_ratios,
     peak_growth_mib,
     ratio,
     start_run,
@@ -307,8 +309,8 @@ def paired(numerator: dict, num_key: str, denominator: dict, den_key: str) -> tu
     Memory bandwidth on a shared VM drifts within seconds (a sum over x took 0.5 and 1.1 ms in the
     same hour); a ratio within a round cancels what a ratio of medians taken minutes apart would not.
     """
-    a, b = numerator[f"{num_key}_s"], denominator[f"{den_key}_s"]
-    return median_interval([x / y for x, y in zip(a, b)])
+    rounds = paired_ratios(Timing(numerator[f"{num_key}_s"]), Timing(denominator[f"{den_key}_s"]))
+    return median_interval(rounds)
 
 
 def bench_shape(
@@ -362,9 +364,9 @@ def format_result(result: dict) -> str:
                   "fwd+bwd / floor fwd+bwd", "timm fwd+bwd / this", "peak fwd MiB", "peak fwd+bwd MiB"]
         table = [
             [
-                r["case"], ms(r["fwd_ms"]), within(r, "fwd", floor, "fwd"), ms(r["fb_ms"]),
-                within(r, "fb", floor, "fwd"), within(r, "fb", floor, "fb"),
-                "-" if timm is None else within(timm, "fb", r, "fb"),
+                r["case"], ms(r["fwd_ms"]), paired_text(r, "fwd", floor, "fwd"), ms(r["fb_ms"]),
+                paired_text(r, "fb", floor, "fwd"), paired_text(r, "fb", floor, "fb"),
+                "-" if timm is None else paired_text(timm, "fb", r, "fb"),
                 format_memory(r["peak_fwd_mib"]), format_memory(r["peak_fb_mib"]),
             ]
             for r in rows
@@ -375,8 +377,8 @@ def format_result(result: dict) -> str:
                   "peak fwd MiB", "peak fwd+bwd MiB"]
         table = [
             [
-                r["case"], ms(r["fwd_ms"]), within(naive, "fwd", r, "fwd"), ms(r["fb_ms"]),
-                within(naive, "fb", r, "fb"),
+                r["case"], ms(r["fwd_ms"]), paired_text(naive, "fwd", r, "fwd"), ms(r["fb_ms"]),
+                paired_text(naive, "fb", r, "fb"),
                 format_memory(r["peak_fwd_mib"]), format_memory(r["peak_fb_mib"]),
             ]
             for r in rows
@@ -388,7 +390,9 @@ def _row(result: dict, prefix: str) -> dict | None:
     return next((r for r in result["rows"] if r["case"].startswith(prefix)), None)
 
 
-def within(numerator: dict, num_key: str, denominator: dict, den_key: str, interval: bool = False) -> str:
+def paired_text(
+    numerator: dict, num_key: str, denominator: dict, den_key: str, interval: bool = False
+) -> str:
     """`paired` as text: "1.23x", or "1.23x (1.10-1.31)" with its interval."""
     middle, low, high = paired(numerator, num_key, denominator, den_key)
     return ratio(middle) + (f" ({low:.2f}-{high:.2f})" if interval else "")
@@ -397,7 +401,7 @@ def within(numerator: dict, num_key: str, denominator: dict, den_key: str, inter
 def _speedup(result: dict, slow: str, fast: str, key: str) -> str:
     """slow row's time / fast row's time, e.g. how much faster the CPU kernels are than the PyTorch ops."""
     a, b = _row(result, slow), _row(result, fast)
-    return "-" if a is None or b is None else within(a, key, b, key)
+    return "-" if a is None or b is None else paired_text(a, key, b, key)
 
 
 def format_summary(results: list[dict]) -> str:
@@ -411,11 +415,12 @@ def format_summary(results: list[dict]) -> str:
         for result in gc:
             floor, block, se = (_row(result, name) for name in ("floor", "gcnet GC r16", "gcnet SE r16"))
             table.append([
-                result["shape"], within(block, "fwd", floor, "fwd", interval=True),
-                within(block, "fb", floor, "fwd", interval=True),
+                result["shape"], paired_text(block, "fwd", floor, "fwd", interval=True),
+                paired_text(block, "fb", floor, "fwd", interval=True),
                 _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fwd") + ", "
                 + _speedup(result, "gcnet GC, PyTorch", "gcnet GC r16", "fb"),
-                _speedup(result, "timm", "gcnet GC r16", "fb"), within(se, "fb", floor, "fwd", interval=True),
+                _speedup(result, "timm", "gcnet GC r16", "fb"),
+                paired_text(se, "fb", floor, "fwd", interval=True),
                 _speedup(result, "gcnet SE, PyTorch", "gcnet SE r16", "fb"),
             ])
         out.append(markdown_table(header, table))

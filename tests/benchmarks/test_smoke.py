@@ -115,7 +115,7 @@ def test_block_ratios_are_taken_within_each_round() -> None:
     block = {"case": "block", "fwd_s": [3.0, 3.3, 2.2], "fb_s": [4.0, 12.0, 8.0]}
     assert blocks.paired(block, "fwd", floor, "fwd")[0] == pytest.approx(1.1)
     assert blocks.paired(block, "fb", floor, "fwd")[0] == pytest.approx(4.0)
-    assert blocks.within(block, "fb", floor, "fb", interval=True) == "2.00x (2.00-2.00)"
+    assert blocks.paired_text(block, "fb", floor, "fb", interval=True) == "2.00x (2.00-2.00)"
     case = blocks.Case(torch.nn.Identity(), torch.zeros(2, requires_grad=True), torch.ones(2))
     rows = blocks.time_cases({"a": case}, 3, 1)
     assert len(rows[0]["fwd_s"]) == len(rows[0]["fb_s"]) == 3
