@@ -115,7 +115,7 @@ struct OnlineSoftmax {
   GCNET_INLINE T add_block(T* values, int64_t n) {
     T block_max = max;
 #pragma omp simd reduction(max : block_max)
-    for (int64_t j = 0; j < n; ++j) block_max = values[j] > block_max ? values[j] : block_max;  // std::max: scalar
+    for (int64_t j = 0; j < n; ++j) block_max = values[j] > block_max ? values[j] : block_max;  // std::max stays scalar
     const T rescale = std::exp(max - block_max);
     for (int64_t j = 0; j < n; ++j) values[j] = std::exp(values[j] - block_max);
     T block_total = 0;
