@@ -117,8 +117,14 @@ def test_block_ratios_are_taken_within_each_round() -> None:
     assert blocks.paired(block, "fb", floor, "fwd")[0] == pytest.approx(4.0)
     assert blocks.paired_text(block, "fb", floor, "fb", interval=True) == "2.00x (2.00-2.00)"
     case = blocks.Case(torch.nn.Identity(), torch.zeros(2, requires_grad=True), torch.ones(2))
-    rows = blocks.time_cases({"a": case}, 3, 1)
+    calls = []
+
+    def wrap(run):  # as cuda_blocks wraps each call with a device synchronisation
+        return lambda: (calls.append(run.__name__), run())
+
+    rows = blocks.time_cases({"a": case}, 3, 1, wrap=wrap)
     assert len(rows[0]["fwd_s"]) == len(rows[0]["fb_s"]) == 3
+    assert calls == ["forward", "forward_backward"] * 4  # forward and backward alternate in every round
 
 
 def test_eviction_buffer_outgrows_the_last_level_cache() -> None:
