@@ -9,7 +9,8 @@ the same buffers back to back, where its inputs stay in cache. A kernel much slo
 than alone waits on memory; the rest of a step (the add, grad_out's sum, the transforms' small
 graph, autograd) is the step minus the kernels. Those other parts are also timed alone, and the sum
 of every part alone is a lower bound on the step with this design, printed as a ratio to the
-floor's forward (what the fwd+bwd target of docs/benchmarks.md divides by).
+floor's forward (what the fwd+bwd target of docs/benchmarks.md divides by). The last two rows time
+the transforms' forward right after a pass over x and back to back: small ops pay for the pass.
 """
 
 from __future__ import annotations
@@ -103,7 +104,25 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     rows += [[name, "", f"{ms:.2f}"] for name, ms in alone.items() if name not in totals]
     rows.append(["sum of the parts alone (lower bound)", "", f"{sum(alone.values()):.2f}"])
     rows.append(["  the same / floor forward alone", "", f"{sum(alone.values()) / floor:.2f}x"])
+    after, back_to_back = transforms_forward_after_a_pass(block, x.detach(), steps)
+    rows.append(["transforms forward, right after a sum over x", "", f"{after:.2f}"])
+    rows.append(["transforms forward, back to back", "", f"{back_to_back:.2f}"])
     return rows
+
+
+def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps: int) -> tuple[float, float]:
+    """ms of the transforms' forward right after a sum over x, as in the block (their code and data
+    evicted from L2 by the pass), and back to back (in cache)."""
+    context = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(3))
+    spatial = tuple(range(2, x.dim()))
+    after = 0.0
+    with torch.no_grad():
+        for _ in range(steps):
+            x.sum(dim=spatial)
+            start = time.perf_counter()
+            block._transforms(context)
+            after += time.perf_counter() - start
+        return after / steps * 1e3, mean_ms(lambda: block._transforms(context), steps)
 
 
 def other_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:

@@ -180,4 +180,5 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
     bound = float(rows["sum of the parts alone (lower bound)"])
     assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=0.02)
     assert rows["  the same / floor forward alone"].endswith("x")
+    assert float(rows["transforms forward, right after a sum over x"]) > 0
     assert _fused._native is not None and not isinstance(_fused._native, gc_breakdown._Timed)
