@@ -306,8 +306,8 @@ def time_cases(
 def paired(numerator: dict, num_key: str, denominator: dict, den_key: str) -> tuple[float, float, float]:
     """Median (~95% interval) of numerator / denominator within each round (keys "fwd" or "fb").
 
-    Memory bandwidth on a shared VM drifts within seconds (a sum over x took 0.5 and 1.1 ms in the
-    same hour); a ratio within a round cancels what a ratio of medians taken minutes apart would not.
+    Memory bandwidth on a shared VM drifts (the floor's forward at 32x1024x14x14 took 2.2-3.6 ms in
+    one day); a ratio within a round cancels what a ratio of medians taken minutes apart would not.
     """
     rounds = paired_ratios(Timing(numerator[f"{num_key}_s"]), Timing(denominator[f"{den_key}_s"]))
     return median_interval(rounds)
