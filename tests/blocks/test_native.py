@@ -1,5 +1,6 @@
 """The CPU kernels (gcnet._C) against the paper's formula and the PyTorch path they replace."""
 
+import itertools
 import os
 import sys
 from collections import Counter
@@ -16,6 +17,8 @@ from gcnet.blocks import (
     native_kernels,
     native_kernels_available,
 )
+from gcnet.blocks._fused import ContextTransforms
+from gcnet.blocks.global_context import ContextTransform
 from tests.blocks.reference import global_context_reference, randomize_
 from tests.blocks.shapes import gradcheck_block
 
@@ -78,14 +81,16 @@ def outputs_and_grads(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
 
 
 # (pooling, fusion) -> the kernels one training step calls.
+ONE_TRANSFORM = {"transform_forward": 1, "transform_backward": 1}
 CONFIGS = {
-    ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1},
-    ("attention", "scale"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1},
+    ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1, **ONE_TRANSFORM},
+    ("attention", "scale"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1, **ONE_TRANSFORM},
     ("attention", "both"): {
         "attention_pool": 1, "scale_shift": 1, "attention_pool_backward": 1, "fusion_sums": 1,
+        "transform_forward": 2, "transform_backward": 2,
     },
-    ("average", "scale"): {"fusion_sums": 1, "scale_shift": 1},
-    ("average", "add"): {},
+    ("average", "scale"): {"fusion_sums": 1, "scale_shift": 1, **ONE_TRANSFORM},
+    ("average", "add"): ONE_TRANSFORM,
 }
 
 
@@ -210,7 +215,7 @@ def test_inference_matches_the_paper_formula(spy: Spy, shape: tuple, channels_la
     x = laid_out(torch.randn(shape, dtype=torch.float64), channels_last)
     with torch.no_grad():
         out = block(x)
-    assert spy.calls == {"attention_pool": 1}
+    assert spy.calls == {"attention_pool": 1, "transform_forward": 1}
     if x.numel() < 10_000:  # the reference loops over positions in Python
         expected, _ = global_context_reference(block, x, "attention", "add", bottleneck=True, norm=True, relu=True)
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
@@ -240,8 +245,10 @@ def test_other_dtypes_layouts_and_small_batches_take_the_pytorch_path(spy: Spy) 
     try:
         torch.set_num_threads(2)
         block(torch.randn(1, 8, 4, 4))  # fewer samples than threads: BLAS spreads one sample
-        block.bfloat16()(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16))
         block.float()(torch.randn(2, 8, 4, 8)[..., ::2])  # positions strided: neither layout is dense
+        assert spy.calls == {"transform_forward": 2}  # the transforms work on (B, C) vectors: any x
+        spy.calls.clear()
+        block.bfloat16()(torch.randn(2, 8, 4, 4, dtype=torch.bfloat16))
     finally:
         torch.set_num_threads(threads)
     assert not spy.calls
@@ -274,3 +281,100 @@ def test_kernels_name_what_they_expect() -> None:
         _fused._native.scale_shift(x, context, context[:, :4].contiguous())
     with pytest.raises(RuntimeError, match="residual laid out like x"):
         _fused._native.scale_shift(x, context, context, channels_last)
+
+
+# (norm, relu, sigmoid): GC's add transform, SE's gate, and the ablations' other bottlenecks.
+TRANSFORM_KINDS = list(itertools.product([True, False], [True, False], [False, True]))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("kind", TRANSFORM_KINDS, ids=lambda k: "-".join(
+    name for name, on in zip(("norm", "relu", "sigmoid"), k) if on) or "plain")
+@pytest.mark.parametrize("B, C, H", [(32, 256, 16), (3, 37, 5), (1, 8, 3), (9, 130, 13)])
+def test_transform_kernels_match_the_modules_and_autograd(B: int, C: int, H: int, kind: tuple, dtype) -> None:
+    norm, relu, sigmoid = kind
+    transform = randomize_(ContextTransform(C, 4, norm, relu, hidden_channels=H)).to(dtype)
+    context = torch.randn(B, C, dtype=dtype, requires_grad=True)
+    expected = transform(context)
+    expected = expected.sigmoid() if sigmoid else expected
+    grad = torch.randn_like(expected)
+    expected_grads = torch.autograd.grad(expected, [context, *transform.parameters()], grad)
+    terms = ContextTransforms(transform if sigmoid else None, None if sigmoid else transform)
+    with torch.no_grad():
+        gate, add, states = terms.native(context)
+    got = gate if sigmoid else add
+    assert (add if sigmoid else gate) is None
+    grad_context, grads = ContextTransforms.native_backward(
+        states, context.detach(), list(transform.parameters()), grad if sigmoid else None, None if sigmoid else grad
+    )
+    # float32: other summation orders; a LayerNorm over 3 channels amplifies rounding (large rstd).
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-4
+    names = ["output", "context", *(n for n, _ in transform.named_parameters())]
+    for name, a, b in zip(names, [got, grad_context, *grads], [expected.detach(), *expected_grads]):
+        scale = float(b.abs().max())
+        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * scale, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@needs_kernels
+def test_transform_kernels_pass_gradcheck() -> None:
+    transform = randomize_(ContextTransform(11, 4, norm=True, relu=True, hidden_channels=5)).double()
+    params = list(transform.parameters())
+
+    class Native(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, context, *params):
+            gate, _, ctx.states = ContextTransforms(transform, None).native(context)
+            ctx.save_for_backward(context, *params)
+            return gate
+
+        @staticmethod
+        def backward(ctx, grad):
+            context, *params = ctx.saved_tensors
+            grad_context, grads = ContextTransforms.native_backward(ctx.states, context, params, grad, None)
+            return (grad_context, *grads)
+
+    context = torch.randn(4, 11, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(Native.apply, (context, *params))
+
+
+@needs_kernels
+def test_transforms_the_kernel_cannot_run_take_the_modules() -> None:
+    context = torch.randn(2, 16)
+
+    def native(transform: torch.nn.Module, x: torch.Tensor = context) -> bool:
+        with torch.no_grad():
+            return ContextTransforms(None, transform).native(x) is not None
+
+    plain = randomize_(ContextTransform(16, 4, norm=True, relu=True))
+    assert native(plain)
+    assert not native(plain, context.double())  # parameters in another dtype
+    assert not native(ContextTransform(16, None, norm=False, relu=False))  # one C -> C layer
+    assert not native(torch.nn.Sequential(torch.nn.Linear(16, 4), torch.nn.GELU(), torch.nn.Linear(4, 16)))
+    assert not native(torch.nn.Sequential(torch.nn.Linear(16, 4, bias=False), torch.nn.Linear(4, 16)))
+    hooked = randomize_(ContextTransform(16, 4, norm=True, relu=True))
+    hooked[1].register_forward_hook(lambda module, args, out: out * 2)
+    assert not native(hooked)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not native(plain)
+    with native_kernels(False):
+        assert not native(plain)
+    # Where the kernel does not run, the block still computes the modules' numbers.
+    block = randomize_(GlobalContext(16, reduction=4)).eval()
+    block.add_transform[1].register_forward_hook(lambda module, args, out: out * 2)
+    with torch.no_grad():
+        expected = block.add_transform(block.context(torch.ones(2, 16, 3, 3)))
+        torch.testing.assert_close(block._transforms(block.context(torch.ones(2, 16, 3, 3)))[1], expected)
+
+
+@needs_kernels
+def test_transform_kernels_name_what_they_expect() -> None:
+    context, w1, b1, w2, b2 = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8)
+    with pytest.raises(RuntimeError, match="w1 \\(H, 8\\)"):
+        _fused._native.transform_forward(context, torch.randn(4, 7), b1, None, None, 1e-5, True, w2, b2, False)
+    with pytest.raises(RuntimeError, match="float32/float64 context"):
+        _fused._native.transform_forward(context.half(), w1, b1, None, None, 1e-5, True, w2, b2, False)
+    with pytest.raises(RuntimeError, match="both LayerNorm weight and bias"):
+        _fused._native.transform_forward(context, w1, b1, torch.ones(4), None, 1e-5, True, w2, b2, False)
+    with pytest.raises(RuntimeError, match="contiguous CPU Float w2"):
+        _fused._native.transform_forward(context, w1, b1, None, None, 1e-5, True, w2.t(), b2, False)

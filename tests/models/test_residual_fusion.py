@@ -190,7 +190,8 @@ def test_unfused_ends_compute_the_same(residual_calls: Counter[str]) -> None:
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     with torch.no_grad(), fused_block_ends(False):
         unfused = block(x)
-    assert residual_calls == {"attention_pool": 1}  # the GC block alone, then the add and the ReLU
+    # the GC block alone (pooling, transforms), then the add and the ReLU
+    assert residual_calls == {"attention_pool": 1, "transform_forward": 1}
     with torch.no_grad():
         torch.testing.assert_close(block(x), unfused, rtol=1e-12, atol=1e-12)
 

@@ -16,6 +16,8 @@ inside ContextFusion when that block sits before the add).
 Where the optional CPU kernels `gcnet._C` are built (see setup.py), attention pooling, its backward
 and the fusion's gradients of a CPU float32/float64 batch run there instead: one read of x per
 pass, in blocks of each sample sized from this machine's caches (src/gcnet/csrc/attention_pool.cpp).
+The transforms' bottleneck (Linear [LayerNorm] [ReLU] Linear [sigmoid]) and its gradients run there
+too, one call each (`ContextTransforms`).
 
 Only eager mode takes these paths: under tracing, scripting, ONNX export, torch.compile or
 functorch transforms the blocks run their plain composite path (which computes the same numbers).
@@ -29,7 +31,7 @@ import functools
 from collections.abc import Callable, Iterator
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
@@ -161,6 +163,11 @@ def positions_per_block(positions: Tensor) -> int:
     return min(N, max(16, budget // row))
 
 
+def _dense(weight: Tensor) -> Tensor:
+    """weight as the kernels read it: its values contiguous, in any shape (a Linear's (1, C) is)."""
+    return weight if weight.is_contiguous() else weight.contiguous()
+
+
 def attention_logits(positions: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """W_k x_j + b_k for every position: (B, C, N) -> (B, 1, N), one pass over x in any layout.
 
@@ -187,7 +194,7 @@ def attention_pool(positions: Tensor, weight: Tensor, bias: Tensor) -> tuple[Ten
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, weight, bias))
     if not wants_grad and _use_native(positions):
         return _native.attention_pool(
-            positions, weight.reshape(-1).contiguous(), bias, positions_per_block(positions)
+            positions, _dense(weight), bias, positions_per_block(positions)
         )
     weights = attention_logits(positions, weight, bias).softmax(dim=-1)  # (B, 1, N)
     return weights, weighted_pool(positions, weights)
@@ -282,7 +289,130 @@ class ResidualReLU(torch.autograd.Function):
         return grad, grad
 
 
-Transforms = Callable[[Tensor], tuple[Tensor | None, Tensor | None]]
+_PLAIN = (Tensor, nn.Parameter)
+
+
+def _hooked(module: nn.Module) -> bool:
+    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
+    return any(hooks)
+
+
+def _native_transform_args(transform: nn.Module, context: Tensor) -> tuple | None:
+    """(w1, b1, ln_w, ln_b, eps, relu, w2, b2) of a Linear [LayerNorm] [ReLU] Linear stack that the
+    CPU kernel computes as the modules would, else None (any other module, hooks, dtype or device).
+
+    Runs on every call: reads the modules' dicts directly (nn.Module.__getattr__ would cost more
+    than the kernel at small sizes).
+    """
+    if not isinstance(transform, nn.Sequential) or type(transform).forward is not nn.Sequential.forward:
+        return None
+    if _hooked(transform):
+        return None
+    layers = list(transform._modules.values())
+    if len(layers) < 2 or type(layers[0]) is not nn.Linear or type(layers[-1]) is not nn.Linear:
+        return None
+    first, last, middle = layers[0]._parameters, layers[-1]._parameters, layers[1:-1]
+    norm = middle.pop(0) if middle and type(middle[0]) is nn.LayerNorm else None
+    relu = bool(middle) and type(middle[0]) is nn.ReLU
+    if middle[int(relu):] or any(_hooked(layer) for layer in layers):
+        return None
+    ln_w = ln_b = None
+    eps = 0.0
+    if norm is not None:
+        ln_w, ln_b, eps = norm._parameters["weight"], norm._parameters["bias"], norm.eps
+        if ln_w is None or ln_b is None or len(norm.normalized_shape) != 1:
+            return None
+    w1, b1, w2, b2 = first["weight"], first["bias"], last["weight"], last["bias"]
+    tensors = (w1, b1, w2, b2) if norm is None else (w1, b1, w2, b2, ln_w, ln_b)
+    dtype = context.dtype
+    if not all(type(t) in _PLAIN and t.dtype == dtype and t.is_cpu and t.is_contiguous() for t in tensors):
+        return None  # also a missing bias (None)
+    return w1, b1, ln_w, ln_b, eps, relu, w2, b2
+
+
+class _NativeState:
+    """What `transform_backward` takes from one transform's forward."""
+
+    __slots__ = ("norm", "relu", "sigmoid", "out", "hidden", "stats")
+
+    def __init__(self, norm: bool, relu: bool, sigmoid: bool, out: Tensor, hidden: Tensor, stats: Tensor) -> None:
+        self.norm, self.relu, self.sigmoid = norm, relu, sigmoid
+        self.out, self.hidden, self.stats = out, hidden, stats
+
+
+class ContextTransforms:
+    """The transforms of a context block: the sigmoid gate's (`scale`) and the add term's (`add`).
+
+    Either may be None. Called, it returns (gate, add) of a (B, C) context, each (B, C) or None.
+    Where no gradient is wanted and both are Linear [LayerNorm] [ReLU] Linear stacks (GC's and SE's
+    bottlenecks) on a CPU float32/float64 context, they run through the CPU kernels: one call for
+    the small GEMMs rather than a dozen dispatched ops, each of which finds its code and data evicted
+    by the pass over x before it (`python -m benchmarks.gc_breakdown`). Elsewhere, as torch ops.
+    """
+
+    def __init__(self, scale: nn.Module | None, add: nn.Module | None) -> None:
+        self.scale, self.add = scale, add
+
+    def __call__(self, context: Tensor) -> tuple[Tensor | None, Tensor | None]:
+        if not (torch.is_grad_enabled() and context.requires_grad):
+            native = self.native(context)
+            if native is not None:
+                return native[0], native[1]
+        gate = None if self.scale is None else torch.sigmoid(self.scale(context))
+        add = None if self.add is None else self.add(context)
+        return gate, add
+
+    def native(self, context: Tensor) -> tuple[Tensor | None, Tensor | None, list[_NativeState]] | None:
+        """(gate, add, state for `native_backward`) through the CPU kernel, or None where it does not
+        apply. Builds no graph."""
+        if not (_native is not None and _NATIVE_ENABLED and _eager() and not is_in_torch_dispatch_mode()):
+            return None
+        if context.device.type != "cpu" or context.dtype not in (torch.float32, torch.float64):
+            return None
+        if type(context) is not Tensor or torch.is_autocast_enabled("cpu") or _global_module_hooks():
+            return None
+        transforms = [(t, sigmoid) for t, sigmoid in ((self.scale, True), (self.add, False)) if t is not None]
+        args = [_native_transform_args(t, context) for t, _ in transforms]
+        if not transforms or any(a is None for a in args):
+            return None
+        if not context.is_contiguous():
+            context = context.contiguous()
+        values: dict[bool, Tensor] = {}
+        states = []
+        for (_, sigmoid), (w1, b1, ln_w, ln_b, eps, relu, w2, b2) in zip(transforms, args):
+            # The kernel reads the parameters' memory and records no graph: no detach needed.
+            out, hidden, stats = _native.transform_forward(context, w1, b1, ln_w, ln_b, eps, relu, w2, b2, sigmoid)
+            values[sigmoid] = out
+            states.append(_NativeState(ln_w is not None, relu, sigmoid, out, hidden, stats))
+        return values.get(True), values.get(False), states
+
+    @staticmethod
+    def native_backward(
+        states: list[_NativeState], context: Tensor, params: list[Tensor], grad_gate: Tensor | None,
+        grad_add: Tensor | None,
+    ) -> tuple[Tensor, list[Tensor]]:
+        """grad_context and the gradients of `params` (the transforms' parameters in module order) of
+        what `native` computed, from the gradients of the gate and the add term."""
+        grad_context, grads, index = None, [], 0
+        for state in states:
+            count = 6 if state.norm else 4
+            w1, b1, *rest = params[index:index + count]
+            ln_w, ln_b, w2, b2 = rest if state.norm else (None, None, *rest)
+            index += count
+            grad = (grad_gate if state.sigmoid else grad_add).to(context.dtype).contiguous()
+            g_context, g_w1, g_b1, g_ln_w, g_ln_b, g_w2, g_b2 = _native.transform_backward(
+                grad, state.out, state.sigmoid, context, w1, b1, ln_w, ln_b, state.relu, w2, b2, state.hidden,
+                state.stats,
+            )
+            grads += [g_w1, g_b1, g_ln_w, g_ln_b, g_w2, g_b2] if state.norm else [g_w1, g_b1, g_w2, g_b2]
+            grad_context = g_context if grad_context is None else grad_context + g_context
+        return grad_context, grads
+
+
+def _global_module_hooks() -> bool:
+    """True while nn.Module's global forward hooks are registered (they would see no module calls)."""
+    module = torch.nn.modules.module
+    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
 
 
 class ContextFusion(torch.autograd.Function):
@@ -291,10 +421,11 @@ class ContextFusion(torch.autograd.Function):
 
     alpha is softmax_j(W_k x_j + b_k) (attention pooling) or 1/N where the key weight is None
     (average pooling). `transforms` maps the (B, C) context to the sigmoid gate and the add term,
-    either None, using the tensors `params` (passed so that they receive gradients); it runs on a
-    detached context inside an enable_grad island, and its gradients come from torch.autograd.grad
-    of that small graph in backward. Backward: the fusion's gradients (sum_j g_j, sum_j g_j x_j) in
-    one pass over grad_out and x, then grad_x in one more.
+    either None, using the tensors `params` (passed so that they receive gradients): through the
+    CPU kernels where they apply (`ContextTransforms.native`), else on a detached context inside an
+    enable_grad island, whose small graph torch.autograd.grad runs in backward. Backward: the
+    fusion's gradients (sum_j g_j, sum_j g_j x_j) in one pass over grad_out and x, then grad_x in
+    one more.
     """
 
     @staticmethod
@@ -303,7 +434,7 @@ class ContextFusion(torch.autograd.Function):
         x: Tensor,
         key_weight: Tensor | None,
         key_bias: Tensor | None,
-        transforms: Transforms,
+        transforms: ContextTransforms,
         residual: Tensor | None,
         *params: Tensor,
     ) -> Tensor:
@@ -312,9 +443,15 @@ class ContextFusion(torch.autograd.Function):
             weights, context = None, positions.mean(dim=-1)  # (B, C)
         else:
             weights, context = attention_pool(positions, key_weight, key_bias)  # (B, 1, N), (B, C)
-        with torch.enable_grad():
-            leaf = context.detach().requires_grad_(True)
-            gate, add = transforms(leaf)  # (B, C) each, or None
+        native = transforms.native(context)
+        if native is None:
+            with torch.enable_grad():
+                leaf = context.detach().requires_grad_(True)
+                gate, add = transforms(leaf)  # (B, C) each, or None
+            ctx.graph, ctx.native = (leaf, gate, add), None
+        else:
+            gate, add, ctx.native = native
+            ctx.graph = (None, gate, add)
         gate_value = None if gate is None else gate.detach()
         add_value = None if add is None else add.detach()
         if residual is None:
@@ -322,7 +459,6 @@ class ContextFusion(torch.autograd.Function):
         else:
             out = relu_out = residual_relu(x, residual, gate_value, add_value)
         ctx.save_for_backward(x, key_weight, weights, context, gate_value, relu_out, *params)
-        ctx.graph = (leaf, gate, add)
         return out
 
     @staticmethod
@@ -353,17 +489,25 @@ class ContextFusion(torch.autograd.Function):
         if add_graph is not None:
             outputs.append(add_graph)
             grad_outputs.append(sums.to(add_graph.dtype))
-        wanted = [p for p, need in zip(params, needs[5:]) if need]
-        # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
-        # transform graph is freed with this node.
-        grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True,
-                                    allow_unused=True)
-        found = iter(grads[1:])
-        grad_params = [next(found) if need else None for need in needs[5:]]
+        if ctx.native is not None:
+            grad_gate = None if gate is None else products
+            grad_add = None if add_graph is None else sums
+            grad_context, grad_params = ContextTransforms.native_backward(
+                ctx.native, context, params, grad_gate, grad_add
+            )
+            grad_params = [g if need else None for g, need in zip(grad_params, needs[5:])]
+        else:
+            wanted = [p for p, need in zip(params, needs[5:]) if need]
+            # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
+            # transform graph is freed with this node.
+            grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True,
+                                        allow_unused=True)
+            found = iter(grads[1:])
+            grad_params = [next(found) if need else None for need in needs[5:]]
+            grad_context = torch.zeros_like(context) if grads[0] is None else grads[0]
         # Under autocast the pooled weights, the context, the gate and x may differ in dtype: run the
         # products in x's dtype, as autocast ran the forward's.
         dtype = positions.dtype
-        grad_context = torch.zeros_like(context) if grads[0] is None else grads[0]
         grad_context = grad_context.to(dtype)  # (B, C)
         gate = None if gate is None else gate.to(dtype)
         grad = grad.to(dtype)
@@ -383,7 +527,7 @@ class ContextFusion(torch.autograd.Function):
 
         if needs[0] and native:
             grad_x, grad_key_weight, grad_key_bias = _native.attention_pool_backward(
-                positions, grad, key_weight.reshape(-1).contiguous(), weights, context,
+                positions, grad, _dense(key_weight), weights, context,
                 grad_context.contiguous(), gate, positions_per_block(positions),
             )
             return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,

@@ -24,6 +24,7 @@ from gcnet._checks import check_choice, check_input, check_positive_int
 from gcnet.blocks._checks import reduced_channels
 from gcnet.blocks._fused import (
     ContextFusion,
+    ContextTransforms,
     attention_logits,
     attention_pool,
     fuse,
@@ -219,22 +220,22 @@ class GlobalContext(nn.Module):
 
     def _forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)
-        key = (None, None) if self.key is None else (self.key.weight, self.key.bias)
-        transforms = [t for t in (self.scale_transform, self.add_transform) if t is not None]
-        params = [p for t in transforms for p in t.parameters()]
-        extra = () if residual is None else (residual,)
-        if x.device.type == "cpu" and fused_enabled(x, *key, *extra, *params):
-            # The whole block as one autograd function: backward in two passes over x. On CUDA the
-            # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "CUDA").
-            return ContextFusion.apply(x, *key, self._transforms, residual, *params)
+        if x.device.type == "cpu" and torch.is_grad_enabled():
+            key = (None, None) if self.key is None else (self.key.weight, self.key.bias)
+            modules = [t for t in (self.scale_transform, self.add_transform) if t is not None]
+            params = [p for t in modules for p in t.parameters()]
+            extra = () if residual is None else (residual,)
+            if fused_enabled(x, *key, *extra, *params):
+                # The whole block as one autograd function: backward in two passes over x. On CUDA the
+                # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "CUDA").
+                transforms = ContextTransforms(self.scale_transform, self.add_transform)
+                return ContextFusion.apply(x, *key, transforms, residual, *params)
         terms = self._transforms(self._pool(x.flatten(2)))
         return fuse(x, *terms) if residual is None else residual_relu(x, residual, *terms)
 
     def _transforms(self, context: Tensor) -> tuple[Tensor | None, Tensor | None]:
         """The sigmoid gate and the add term, (B, C) each, of the context (None where unused)."""
-        gate = None if self.scale_transform is None else torch.sigmoid(self.scale_transform(context))
-        add = None if self.add_transform is None else self.add_transform(context)
-        return gate, add
+        return ContextTransforms(self.scale_transform, self.add_transform)(context)
 
     def _width_repr(self) -> str:
         """`reduction=r`, or `hidden_channels=h` where that overrides it; `norm_eps` where not 1e-5."""

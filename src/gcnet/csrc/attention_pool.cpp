@@ -10,7 +10,9 @@
 //             with grad_logits_j = alpha_j (grad_context . x_j - grad_context . context);
 //   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate;
 //   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x);
-//                with a residual, max(x * scale + shift + residual, 0): fusion, residual add and ReLU.
+//                with a residual, max(x * scale + shift + residual, 0): fusion, residual add and ReLU;
+//   transforms: the bottleneck W2 act(W1 context + b1) + b2 [sigmoid] on (B, C) vectors, and its
+//               gradients, in one call each (below, with the products they need).
 // x is (B, C, N) with positions contiguous (NCHW) or channels contiguous (channels_last).
 
 #include <torch/extension.h>
@@ -451,6 +453,210 @@ GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scal
 GCNET_SAMPLE_KERNELS(float)
 GCNET_SAMPLE_KERNELS(double)
 
+
+// The transforms of the context, on (B, C) vectors: out = W2 act(W1 c + b1) + b2 [then a sigmoid],
+// act = [LayerNorm] [ReLU]. Small GEMMs (C = 1024, C/r = 64, B = 32: 2M multiply-adds each) whose
+// operands fit in L2: one call for all of them, rather than a dozen dispatched ops that each find
+// their code and data evicted by the pass over x just before.
+
+// out[i][m] = bias[m] + sum_k a[i][k] w[m][k] for rows i < R of a (R, K) and rows m in [m0, m1)
+// of w (M, K). Tiles of W/2 rows of w by 2 rows of a: W accumulators, summed lane-wise at once.
+template <typename T>
+GCNET_INLINE void dot_rows(const T* a, int64_t R, int64_t K, const T* w, const T* bias, int64_t m0, int64_t m1,
+                           int64_t M, T* out) {
+  using L = Lanes<T>;
+  using V = typename L::Vec;
+  constexpr int W = L::kWidth;
+  constexpr int kM = W / 2;
+  const int64_t whole = K - K % W;
+  int64_t m = m0;
+  for (; m + kM <= m1; m += kM) {
+    int64_t i = 0;
+    for (; i + 2 <= R; i += 2) {
+      V acc[W] = {};
+      for (int64_t k = 0; k < whole; k += W) {
+        const V a0 = load<V>(a + i * K + k), a1 = load<V>(a + (i + 1) * K + k);
+        for (int r = 0; r < kM; ++r) {
+          const V wr = load<V>(w + (m + r) * K + k);
+          acc[2 * r] += wr * a0;
+          acc[2 * r + 1] += wr * a1;
+        }
+      }
+      V sums = L::row_sums(acc);
+      for (int64_t k = whole; k < K; ++k)
+        for (int r = 0; r < kM; ++r) {
+          sums[2 * r] += w[(m + r) * K + k] * a[i * K + k];
+          sums[2 * r + 1] += w[(m + r) * K + k] * a[(i + 1) * K + k];
+        }
+      for (int r = 0; r < kM; ++r) {
+        out[i * M + m + r] = bias[m + r] + sums[2 * r];
+        out[(i + 1) * M + m + r] = bias[m + r] + sums[2 * r + 1];
+      }
+    }
+    for (; i < R; ++i)
+      for (int r = 0; r < kM; ++r) {
+        T acc = bias[m + r];
+        for (int64_t k = 0; k < K; ++k) acc += w[(m + r) * K + k] * a[i * K + k];
+        out[i * M + m + r] = acc;
+      }
+  }
+  for (; m < m1; ++m)
+    for (int64_t i = 0; i < R; ++i) {
+      T acc = 0;
+#pragma omp simd reduction(+ : acc)
+      for (int64_t k = 0; k < K; ++k) acc += w[m * K + k] * a[i * K + k];
+      out[i * M + m] = bias[m] + acc;
+    }
+}
+
+// out[i][n] = sum_k coef[i * si + k * sk] src[k][n] for rows i in [i0, i1), src (K, Nc): a product
+// whose left factor may be transposed (weight gradients: coef^T src; input gradients: coef w).
+// Tiles of 4 rows by 2 vectors of columns.
+template <typename T>
+GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i0,
+                            int64_t i1, T* out) {
+  using V = typename Lanes<T>::Vec;
+  constexpr int W = Lanes<T>::kWidth;
+  constexpr int kI = 4;
+  const int64_t whole = Nc - Nc % (2 * W);
+  for (int64_t i = i0; i < i1; i += kI) {
+    const int rows = static_cast<int>(std::min<int64_t>(kI, i1 - i));
+    for (int64_t n = 0; n < whole; n += 2 * W) {
+      V acc[kI][2] = {};
+      if (rows == kI) {
+        for (int64_t k = 0; k < K; ++k) {
+          const V s0 = load<V>(src + k * Nc + n), s1 = load<V>(src + k * Nc + n + W);
+          for (int r = 0; r < kI; ++r) {
+            const T c = coef[(i + r) * si + k * sk];
+            acc[r][0] += c * s0;
+            acc[r][1] += c * s1;
+          }
+        }
+      } else {
+        for (int64_t k = 0; k < K; ++k) {
+          const V s0 = load<V>(src + k * Nc + n), s1 = load<V>(src + k * Nc + n + W);
+          for (int r = 0; r < rows; ++r) {
+            const T c = coef[(i + r) * si + k * sk];
+            acc[r][0] += c * s0;
+            acc[r][1] += c * s1;
+          }
+        }
+      }
+      for (int r = 0; r < rows; ++r) {
+        store(out + (i + r) * Nc + n, acc[r][0]);
+        store(out + (i + r) * Nc + n + W, acc[r][1]);
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      T* o = out + (i + r) * Nc;
+      for (int64_t n = whole; n < Nc; ++n) o[n] = 0;
+      for (int64_t k = 0; k < K; ++k) {
+        const T c = coef[(i + r) * si + k * sk];
+        for (int64_t n = whole; n < Nc; ++n) o[n] += c * src[k * Nc + n];
+      }
+    }
+  }
+}
+
+// The products' leaves, compiled for each vector unit (a clone cannot reach into the lambdas of
+// parallel_for, so they call these).
+#define GCNET_PRODUCT_KERNELS(T)                                                                                \
+  GCNET_CLONES void dot_rows_of(const T* a, int64_t R, int64_t K, const T* w, const T* bias, int64_t m0,         \
+                                int64_t m1, int64_t M, T* out) {                                                \
+    dot_rows(a, R, K, w, bias, m0, m1, M, out);                                                                 \
+  }                                                                                                             \
+  GCNET_CLONES void axpy_rows_of(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc,     \
+                                 int64_t i0, int64_t i1, T* out) {                                              \
+    axpy_rows(coef, si, sk, src, K, Nc, i0, i1, out);                                                           \
+  }
+
+GCNET_PRODUCT_KERNELS(float)
+GCNET_PRODUCT_KERNELS(double)
+
+// act = [LayerNorm(hidden) * ln_w + ln_b] [ReLU] per row of (B, H); stats (B, 2) get mean and rstd.
+template <typename T>
+GCNET_INLINE void activate(const T* hidden, int64_t B, int64_t H, const T* ln_w, const T* ln_b, double eps, bool relu,
+                           T* stats, bool compute_stats, T* act) {
+  for (int64_t i = 0; i < B; ++i) {
+    const T* h = hidden + i * H;
+    T* y = act + i * H;
+    if (ln_w) {
+      T mean = stats[2 * i], rstd = stats[2 * i + 1];
+      if (compute_stats) {
+        double total = 0, squares = 0;
+        for (int64_t k = 0; k < H; ++k) total += h[k];
+        const double m = total / H;
+        for (int64_t k = 0; k < H; ++k) squares += (h[k] - m) * (h[k] - m);
+        mean = static_cast<T>(m);
+        rstd = static_cast<T>(1.0 / std::sqrt(squares / H + eps));
+        stats[2 * i] = mean;
+        stats[2 * i + 1] = rstd;
+      }
+      for (int64_t k = 0; k < H; ++k) y[k] = (h[k] - mean) * rstd * ln_w[k] + ln_b[k];
+    } else {
+      std::copy(h, h + H, y);
+    }
+    if (relu)
+      for (int64_t k = 0; k < H; ++k) y[k] = y[k] > T(0) ? y[k] : T(0);
+  }
+}
+
+// Rows per task of a product with `work` multiply-adds per row: tasks of at least ~64K.
+int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(work_per_row, 1)); }
+
+template <typename T>
+void transform_forward_of(const T* context, int64_t B, int64_t C, const T* w1, const T* b1, int64_t H,
+                                       const T* ln_w, const T* ln_b, double eps, bool relu, const T* w2, const T* b2,
+                                       int64_t Co, bool sigmoid, T* hidden, T* stats, T* act, T* out) {
+  at::parallel_for(0, H, grain(B * C), [&](int64_t m0, int64_t m1) { dot_rows_of(context, B, C, w1, b1, m0, m1, H, hidden); });
+  activate(hidden, B, H, ln_w, ln_b, eps, relu, stats, true, act);
+  at::parallel_for(0, Co, grain(B * H), [&](int64_t m0, int64_t m1) { dot_rows_of(act, B, H, w2, b2, m0, m1, Co, out); });
+  if (sigmoid)
+    for (int64_t j = 0; j < B * Co; ++j) out[j] = T(1) / (T(1) + std::exp(-out[j]));
+}
+
+// Gradients of transform_forward_of from grad (B, Co), the gradient of its output.
+template <typename T>
+void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* context, int64_t B,
+                                        int64_t C, const T* w1, int64_t H, const T* ln_w, const T* ln_b, bool relu,
+                                        const T* w2, int64_t Co, const T* hidden, const T* stats, T* act, T* gz,
+                                        T* gact, T* grad_context, T* gw1, T* gb1, T* gln_w, T* gln_b, T* gw2, T* gb2) {
+  for (int64_t j = 0; j < B * Co; ++j) gz[j] = sigmoid ? grad[j] * out[j] * (T(1) - out[j]) : grad[j];
+  activate(hidden, B, H, ln_w, ln_b, 0.0, relu, const_cast<T*>(stats), false, act);
+  at::parallel_for(0, Co, grain(B * H), [&](int64_t i0, int64_t i1) { axpy_rows_of(gz, 1, Co, act, B, H, i0, i1, gw2); });
+  at::parallel_for(0, B, grain(Co * H), [&](int64_t i0, int64_t i1) { axpy_rows_of(gz, Co, 1, w2, Co, H, i0, i1, gact); });
+  std::fill(gb2, gb2 + Co, T(0));
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t j = 0; j < Co; ++j) gb2[j] += gz[i * Co + j];
+  if (relu)
+    for (int64_t j = 0; j < B * H; ++j) gact[j] = act[j] > T(0) ? gact[j] : T(0);
+  if (ln_w) {  // gact becomes the gradient of hidden
+    std::fill(gln_w, gln_w + H, T(0));
+    std::fill(gln_b, gln_b + H, T(0));
+    for (int64_t i = 0; i < B; ++i) {
+      const T mean = stats[2 * i], rstd = stats[2 * i + 1];
+      const T* h = hidden + i * H;
+      T* g = gact + i * H;
+      T mean_g = 0, mean_gx = 0;
+      for (int64_t k = 0; k < H; ++k) {
+        const T xhat = (h[k] - mean) * rstd;
+        gln_w[k] += g[k] * xhat;
+        gln_b[k] += g[k];
+        mean_g += g[k] * ln_w[k];
+        mean_gx += g[k] * ln_w[k] * xhat;
+      }
+      mean_g /= H;
+      mean_gx /= H;
+      for (int64_t k = 0; k < H; ++k) g[k] = rstd * (g[k] * ln_w[k] - mean_g - (h[k] - mean) * rstd * mean_gx);
+    }
+  }
+  at::parallel_for(0, H, grain(B * C), [&](int64_t i0, int64_t i1) { axpy_rows_of(gact, 1, H, context, B, C, i0, i1, gw1); });
+  at::parallel_for(0, B, grain(H * C), [&](int64_t i0, int64_t i1) { axpy_rows_of(gact, H, 1, w1, H, C, i0, i1, grad_context); });
+  std::fill(gb1, gb1 + H, T(0));
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t k = 0; k < H; ++k) gb1[k] += gact[i * H + k];
+}
+
 constexpr const char* kName = "gcnet context kernels";
 
 // Layout of (B, C, N): positions contiguous (NCHW memory) or channels contiguous (channels_last).
@@ -610,6 +816,100 @@ torch::Tensor scale_shift(const torch::Tensor& x, const torch::Tensor& scale, co
   return out;
 }
 
+
+namespace {
+
+struct TransformWeights {
+  torch::Tensor w1, b1, ln_w, ln_b, w2, b2;
+  int64_t H, Co;
+};
+
+// w1 (H, C), b1 (H), ln_w and ln_b (H) or undefined, w2 (Co, H), b2 (Co): contiguous, context's dtype.
+TransformWeights check_transform(const torch::Tensor& context, const torch::Tensor& w1, const torch::Tensor& b1,
+                                 const std::optional<torch::Tensor>& ln_w, const std::optional<torch::Tensor>& ln_b,
+                                 const torch::Tensor& w2, const torch::Tensor& b2) {
+  TORCH_CHECK(context.device().is_cpu() && context.dim() == 2 && context.is_contiguous() &&
+                  (context.scalar_type() == torch::kFloat || context.scalar_type() == torch::kDouble),
+              kName, ": expected a contiguous CPU float32/float64 context (B, C), got ", context.sizes(), " ",
+              context.scalar_type());
+  const int64_t C = context.size(1), H = w1.size(0), Co = w2.size(0);
+  TORCH_CHECK(ln_w.has_value() == ln_b.has_value(), kName, ": expected both LayerNorm weight and bias, or neither");
+  std::vector<std::pair<const char*, const torch::Tensor*>> named = {{"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}};
+  if (ln_w) named.insert(named.end(), {{"ln_w", &*ln_w}, {"ln_b", &*ln_b}});
+  for (const auto& [name, t] : named)
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == context.scalar_type() && t->device().is_cpu(), kName,
+                ": expected a contiguous CPU ", context.scalar_type(), " ", name, ", got ", t->scalar_type(), " ",
+                t->sizes());
+  TORCH_CHECK(w1.dim() == 2 && w1.size(1) == C && b1.numel() == H && w2.dim() == 2 && w2.size(1) == H &&
+                  b2.numel() == Co && (!ln_w || (ln_w->numel() == H && ln_b->numel() == H)),
+              kName, ": expected w1 (H, ", C, "), b1 (H), norm (H), w2 (Co, H), b2 (Co); got w1 ", w1.sizes(), ", b1 ",
+              b1.sizes(), ", w2 ", w2.sizes(), ", b2 ", b2.sizes());
+  return {w1, b1, ln_w ? *ln_w : torch::Tensor(), ln_b ? *ln_b : torch::Tensor(), w2, b2, H, Co};
+}
+
+template <typename T>
+const T* maybe(const torch::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+}  // namespace
+
+// out (B, Co) = W2 act(W1 context + b1) + b2 [sigmoid], act = [LayerNorm] [ReLU]; with hidden
+// (B, H) = W1 context + b1 and stats (B, 2) = the norm's mean and rstd, which the backward takes.
+std::vector<torch::Tensor> transform_forward(const torch::Tensor& context, const torch::Tensor& w1,
+                                             const torch::Tensor& b1, const std::optional<torch::Tensor>& ln_w,
+                                             const std::optional<torch::Tensor>& ln_b, double eps, bool relu,
+                                             const torch::Tensor& w2, const torch::Tensor& b2, bool sigmoid) {
+  const auto p = check_transform(context, w1, b1, ln_w, ln_b, w2, b2);
+  const int64_t B = context.size(0), C = context.size(1);
+  auto hidden = torch::empty({B, p.H}, context.options());
+  auto stats = torch::zeros({B, 2}, context.options());
+  auto act = torch::empty({B, p.H}, context.options());
+  auto out = torch::empty({B, p.Co}, context.options());
+  AT_DISPATCH_FLOATING_TYPES(context.scalar_type(), "transform_forward", [&] {
+    transform_forward_of<scalar_t>(context.const_data_ptr<scalar_t>(), B, C, maybe<scalar_t>(p.w1), maybe<scalar_t>(p.b1),
+                                   p.H, maybe<scalar_t>(p.ln_w), maybe<scalar_t>(p.ln_b), eps, relu,
+                                   maybe<scalar_t>(p.w2), maybe<scalar_t>(p.b2), p.Co, sigmoid,
+                                   hidden.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(),
+                                   out.data_ptr<scalar_t>());
+  });
+  return {out, hidden, stats};
+}
+
+// grad_context, grad_w1, grad_b1, grad_ln_w, grad_ln_b (undefined without a norm), grad_w2, grad_b2.
+std::vector<torch::Tensor> transform_backward(const torch::Tensor& grad, const torch::Tensor& out, bool sigmoid,
+                                              const torch::Tensor& context, const torch::Tensor& w1,
+                                              const torch::Tensor& b1, const std::optional<torch::Tensor>& ln_w,
+                                              const std::optional<torch::Tensor>& ln_b, bool relu,
+                                              const torch::Tensor& w2, const torch::Tensor& b2,
+                                              const torch::Tensor& hidden, const torch::Tensor& stats) {
+  const auto p = check_transform(context, w1, b1, ln_w, ln_b, w2, b2);
+  const int64_t B = context.size(0), C = context.size(1);
+  for (const auto* t : {&grad, &out})
+    TORCH_CHECK(t->sizes() == torch::IntArrayRef({B, p.Co}) && t->is_contiguous() &&
+                    t->scalar_type() == context.scalar_type(),
+                kName, ": expected contiguous grad and out (", B, ", ", p.Co, "), got ", t->sizes());
+  TORCH_CHECK(hidden.sizes() == torch::IntArrayRef({B, p.H}) && stats.sizes() == torch::IntArrayRef({B, 2}) &&
+                  hidden.is_contiguous() && stats.is_contiguous(),
+              kName, ": expected hidden (", B, ", ", p.H, ") and stats (", B, ", 2) from transform_forward");
+  auto o = context.options();
+  auto grad_context = torch::empty({B, C}, o), gw1 = torch::empty({p.H, C}, o), gb1 = torch::empty({p.H}, o);
+  auto gw2 = torch::empty({p.Co, p.H}, o), gb2 = torch::empty({p.Co}, o);
+  auto gln_w = torch::empty({p.H}, o), gln_b = torch::empty({p.H}, o);
+  auto act = torch::empty({B, p.H}, o), gz = torch::empty({B, p.Co}, o), gact = torch::empty({B, p.H}, o);
+  AT_DISPATCH_FLOATING_TYPES(context.scalar_type(), "transform_backward", [&] {
+    transform_backward_of<scalar_t>(
+        grad.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(), sigmoid, context.const_data_ptr<scalar_t>(), B,
+        C, maybe<scalar_t>(p.w1), p.H, maybe<scalar_t>(p.ln_w), maybe<scalar_t>(p.ln_b), relu, maybe<scalar_t>(p.w2),
+        p.Co, hidden.const_data_ptr<scalar_t>(), stats.const_data_ptr<scalar_t>(), act.data_ptr<scalar_t>(),
+        gz.data_ptr<scalar_t>(), gact.data_ptr<scalar_t>(), grad_context.data_ptr<scalar_t>(),
+        gw1.data_ptr<scalar_t>(), gb1.data_ptr<scalar_t>(), gln_w.data_ptr<scalar_t>(), gln_b.data_ptr<scalar_t>(),
+        gw2.data_ptr<scalar_t>(), gb2.data_ptr<scalar_t>());
+  });
+  if (!ln_w) gln_w = gln_b = torch::Tensor();
+  return {grad_context, gw1, gb1, gln_w, gln_b, gw2, gb2};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gcnet CPU kernels: attention pooling and fusion gradients of the global context blocks";
   m.def("attention_pool", &attention_pool, "alpha (B, 1, N), context (B, C) from x (B, C, N)", py::arg("x"),
@@ -623,4 +923,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift", &scale_shift,
         "x * scale + shift with (B, C) scale and shift broadcast over positions; max(that + residual, 0) with one",
         py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual") = py::none());
+  m.def("transform_forward", &transform_forward,
+        "out (B, Co) = W2 act(W1 context + b1) + b2 [sigmoid], act = [LayerNorm] [ReLU]; with hidden and norm stats",
+        py::arg("context"), py::arg("w1"), py::arg("b1"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"),
+        py::arg("relu"), py::arg("w2"), py::arg("b2"), py::arg("sigmoid"));
+  m.def("transform_backward", &transform_backward,
+        "grad_context and the parameters' gradients of transform_forward", py::arg("grad"), py::arg("out"),
+        py::arg("sigmoid"), py::arg("context"), py::arg("w1"), py::arg("b1"), py::arg("ln_w"), py::arg("ln_b"),
+        py::arg("relu"), py::arg("w2"), py::arg("b2"), py::arg("hidden"), py::arg("stats"));
 }
