@@ -10,8 +10,10 @@ than alone waits on memory; the rest of a step (the add, grad_out's sum, autogra
 transforms' small graph where they do not run as kernels) is the step minus the kernels. Those
 other parts are also timed alone, and the sum of every part alone is a lower bound on the step
 with this design, printed as a ratio to the floor's forward (what the fwd+bwd target of
-docs/benchmarks.md divides by). The last two rows time the transforms' forward (as the block runs
-it without gradients) right after a pass over x and back to back: small ops pay for the pass.
+docs/benchmarks.md divides by). Then the transforms' forward (as the block runs it without
+gradients) right after a pass over x and back to back (small ops pay for the pass), one pass
+x + grad_out (what the pooling backward must at least take), and the block on 2 positions per
+side, where x costs nothing: what does not scale with x.
 """
 
 from __future__ import annotations
@@ -111,7 +113,31 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     after, back_to_back = transforms_forward_after_a_pass(block, x.detach(), steps)
     rows.append(["transforms forward, right after a sum over x", "", f"{after:.2f}"])
     rows.append(["transforms forward, back to back", "", f"{back_to_back:.2f}"])
+    with torch.no_grad():
+        one_pass = mean_ms(lambda: x + grad, steps)
+    rows.append(["x + grad_out, one pass (the pooling backward's memory floor)", "", f"{one_pass:.2f}"])
+    few = (*shape[:2], *(2,) * (len(shape) - 2))
+    name = f"block fwd+bwd at {shape_name(few)}, after a sum over x (the part that does not scale with x)"
+    rows.append([name, "", f"{fixed_cost(block, few, x.detach(), steps):.2f}"])
     return rows
+
+
+def fixed_cost(block: GlobalContext, shape: tuple[int, ...], x: torch.Tensor, steps: int) -> float:
+    """ms of a forward+backward of `block` on a few positions per sample (memory ~0), each right
+    after a sum over x: Python, autograd, dispatch and the transforms' products."""
+    generator = torch.Generator().manual_seed(4)
+    small = torch.randn(shape, generator=generator).requires_grad_(True)
+    grad = torch.randn(shape, generator=generator)
+    spatial = tuple(range(2, x.dim()))
+    total = 0.0
+    for step in range(steps + 3):
+        with torch.no_grad():
+            x.sum(dim=spatial)
+        start = time.perf_counter()
+        block(small).backward(grad)
+        if step >= 3:
+            total += time.perf_counter() - start
+    return total / steps * 1e3
 
 
 def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps: int) -> tuple[float, float]:

@@ -184,4 +184,7 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
     assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=0.02)
     assert rows["  the same / floor forward alone"].endswith("x")
     assert float(rows["transforms forward, right after a sum over x"]) > 0
+    assert "x + grad_out, one pass (the pooling backward's memory floor)" in rows
+    fixed = "block fwd+bwd at 4x32x2x2, after a sum over x (the part that does not scale with x)"
+    assert float(rows[fixed]) > 0
     assert _fused._native is not None and not isinstance(_fused._native, gc_breakdown._Timed)

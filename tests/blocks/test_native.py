@@ -84,7 +84,9 @@ def outputs_and_grads(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
 ONE_TRANSFORM = {"transform_forward": 1, "transform_backward": 1}
 CONFIGS = {
     ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1, **ONE_TRANSFORM},
-    ("attention", "scale"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1, **ONE_TRANSFORM},
+    ("attention", "scale"): {
+        "attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1, **ONE_TRANSFORM,
+    },
     ("attention", "both"): {
         "attention_pool": 1, "scale_shift": 1, "attention_pool_backward": 1, "fusion_sums": 1,
         "transform_forward": 2, "transform_backward": 2,
@@ -306,14 +308,17 @@ def test_transform_kernels_match_the_modules_and_autograd(B: int, C: int, H: int
     got = gate if sigmoid else add
     assert (add if sigmoid else gate) is None
     grad_context, grads = ContextTransforms.native_backward(
-        states, context.detach(), list(transform.parameters()), grad if sigmoid else None, None if sigmoid else grad
+        states, context.detach(), list(transform.parameters()),
+        grad if sigmoid else None, None if sigmoid else grad,
     )
     # float32: other summation orders; a LayerNorm over 3 channels amplifies rounding (large rstd).
     tolerance = 1e-12 if dtype == torch.float64 else 1e-4
     names = ["output", "context", *(n for n, _ in transform.named_parameters())]
     for name, a, b in zip(names, [got, grad_context, *grads], [expected.detach(), *expected_grads]):
         scale = float(b.abs().max())
-        torch.testing.assert_close(a, b, rtol=tolerance, atol=tolerance * scale, msg=lambda m, n=name: f"{n}: {m}")
+        torch.testing.assert_close(
+            a, b, rtol=tolerance, atol=tolerance * scale, msg=lambda m, n=name: f"{n}: {m}"
+        )
 
 
 @needs_kernels
@@ -369,9 +374,12 @@ def test_transforms_the_kernel_cannot_run_take_the_modules() -> None:
 
 @needs_kernels
 def test_transform_kernels_name_what_they_expect() -> None:
-    context, w1, b1, w2, b2 = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4), torch.randn(8, 4), torch.randn(8)
+    context, w1, b1 = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
+    w2, b2 = torch.randn(8, 4), torch.randn(8)
     with pytest.raises(RuntimeError, match="w1 \\(H, 8\\)"):
-        _fused._native.transform_forward(context, torch.randn(4, 7), b1, None, None, 1e-5, True, w2, b2, False)
+        _fused._native.transform_forward(
+            context, torch.randn(4, 7), b1, None, None, 1e-5, True, w2, b2, False
+        )
     with pytest.raises(RuntimeError, match="float32/float64 context"):
         _fused._native.transform_forward(context.half(), w1, b1, None, None, 1e-5, True, w2, b2, False)
     with pytest.raises(RuntimeError, match="both LayerNorm weight and bias"):

@@ -293,8 +293,8 @@ _PLAIN = (Tensor, nn.Parameter)
 
 
 def _hooked(module: nn.Module) -> bool:
-    hooks = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks, module._backward_pre_hooks)
-    return any(hooks)
+    return any((module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
+                module._backward_pre_hooks))
 
 
 def _native_transform_args(transform: nn.Module, context: Tensor) -> tuple | None:
@@ -335,7 +335,9 @@ class _NativeState:
 
     __slots__ = ("norm", "relu", "sigmoid", "out", "hidden", "stats")
 
-    def __init__(self, norm: bool, relu: bool, sigmoid: bool, out: Tensor, hidden: Tensor, stats: Tensor) -> None:
+    def __init__(
+        self, norm: bool, relu: bool, sigmoid: bool, out: Tensor, hidden: Tensor, stats: Tensor
+    ) -> None:
         self.norm, self.relu, self.sigmoid = norm, relu, sigmoid
         self.out, self.hidden, self.stats = out, hidden, stats
 
@@ -381,7 +383,9 @@ class ContextTransforms:
         states = []
         for (_, sigmoid), (w1, b1, ln_w, ln_b, eps, relu, w2, b2) in zip(transforms, args):
             # The kernel reads the parameters' memory and records no graph: no detach needed.
-            out, hidden, stats = _native.transform_forward(context, w1, b1, ln_w, ln_b, eps, relu, w2, b2, sigmoid)
+            out, hidden, stats = _native.transform_forward(
+                context, w1, b1, ln_w, ln_b, eps, relu, w2, b2, sigmoid
+            )
             values[sigmoid] = out
             states.append(_NativeState(ln_w is not None, relu, sigmoid, out, hidden, stats))
         return values.get(True), values.get(False), states
@@ -412,7 +416,7 @@ class ContextTransforms:
 def _global_module_hooks() -> bool:
     """True while nn.Module's global forward hooks are registered (they would see no module calls)."""
     module = torch.nn.modules.module
-    return bool(getattr(module, "_global_forward_hooks", None) or getattr(module, "_global_forward_pre_hooks", None))
+    return any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
 
 
 class ContextFusion(torch.autograd.Function):

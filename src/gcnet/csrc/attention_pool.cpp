@@ -573,24 +573,26 @@ GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src,
 GCNET_PRODUCT_KERNELS(float)
 GCNET_PRODUCT_KERNELS(double)
 
-// act = [LayerNorm(hidden) * ln_w + ln_b] [ReLU] per row of (B, H); stats (B, 2) get mean and rstd.
+// act = [LayerNorm(hidden) * ln_w + ln_b] [ReLU] per row of (B, H). The norm's (mean, rstd) per
+// row are computed into new_stats (B, 2) where that is given (forward), else read from stats.
 template <typename T>
 GCNET_INLINE void activate(const T* hidden, int64_t B, int64_t H, const T* ln_w, const T* ln_b, double eps, bool relu,
-                           T* stats, bool compute_stats, T* act) {
+                           const T* stats, T* new_stats, T* act) {
   for (int64_t i = 0; i < B; ++i) {
     const T* h = hidden + i * H;
     T* y = act + i * H;
     if (ln_w) {
-      T mean = stats[2 * i], rstd = stats[2 * i + 1];
-      if (compute_stats) {
+      T mean, rstd;
+      if (new_stats) {
         double total = 0, squares = 0;
         for (int64_t k = 0; k < H; ++k) total += h[k];
         const double m = total / H;
         for (int64_t k = 0; k < H; ++k) squares += (h[k] - m) * (h[k] - m);
-        mean = static_cast<T>(m);
-        rstd = static_cast<T>(1.0 / std::sqrt(squares / H + eps));
-        stats[2 * i] = mean;
-        stats[2 * i + 1] = rstd;
+        mean = new_stats[2 * i] = static_cast<T>(m);
+        rstd = new_stats[2 * i + 1] = static_cast<T>(1.0 / std::sqrt(squares / H + eps));
+      } else {
+        mean = stats[2 * i];
+        rstd = stats[2 * i + 1];
       }
       for (int64_t k = 0; k < H; ++k) y[k] = (h[k] - mean) * rstd * ln_w[k] + ln_b[k];
     } else {
@@ -602,29 +604,39 @@ GCNET_INLINE void activate(const T* hidden, int64_t B, int64_t H, const T* ln_w,
 }
 
 // Rows per task of a product with `work` multiply-adds per row: tasks of at least ~64K.
-int64_t grain(int64_t work_per_row) { return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(work_per_row, 1)); }
+int64_t grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(work_per_row, 1));
+}
 
 template <typename T>
-void transform_forward_of(const T* context, int64_t B, int64_t C, const T* w1, const T* b1, int64_t H,
-                                       const T* ln_w, const T* ln_b, double eps, bool relu, const T* w2, const T* b2,
-                                       int64_t Co, bool sigmoid, T* hidden, T* stats, T* act, T* out) {
-  at::parallel_for(0, H, grain(B * C), [&](int64_t m0, int64_t m1) { dot_rows_of(context, B, C, w1, b1, m0, m1, H, hidden); });
-  activate(hidden, B, H, ln_w, ln_b, eps, relu, stats, true, act);
-  at::parallel_for(0, Co, grain(B * H), [&](int64_t m0, int64_t m1) { dot_rows_of(act, B, H, w2, b2, m0, m1, Co, out); });
+void transform_forward_of(const T* context, int64_t B, int64_t C, const T* w1, const T* b1, int64_t H, const T* ln_w,
+                          const T* ln_b, double eps, bool relu, const T* w2, const T* b2, int64_t Co, bool sigmoid,
+                          T* hidden, T* stats, T* act, T* out) {
+  at::parallel_for(0, H, grain(B * C), [&](int64_t m0, int64_t m1) {
+    dot_rows_of(context, B, C, w1, b1, m0, m1, H, hidden);
+  });
+  activate(hidden, B, H, ln_w, ln_b, eps, relu, stats, stats, act);
+  at::parallel_for(0, Co, grain(B * H), [&](int64_t m0, int64_t m1) {
+    dot_rows_of(act, B, H, w2, b2, m0, m1, Co, out);
+  });
   if (sigmoid)
     for (int64_t j = 0; j < B * Co; ++j) out[j] = T(1) / (T(1) + std::exp(-out[j]));
 }
 
 // Gradients of transform_forward_of from grad (B, Co), the gradient of its output.
 template <typename T>
-void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* context, int64_t B,
-                                        int64_t C, const T* w1, int64_t H, const T* ln_w, const T* ln_b, bool relu,
-                                        const T* w2, int64_t Co, const T* hidden, const T* stats, T* act, T* gz,
-                                        T* gact, T* grad_context, T* gw1, T* gb1, T* gln_w, T* gln_b, T* gw2, T* gb2) {
+void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* context, int64_t B, int64_t C,
+                           const T* w1, int64_t H, const T* ln_w, const T* ln_b, bool relu, const T* w2, int64_t Co,
+                           const T* hidden, const T* stats, T* act, T* gz, T* gact, T* grad_context, T* gw1, T* gb1,
+                           T* gln_w, T* gln_b, T* gw2, T* gb2) {
   for (int64_t j = 0; j < B * Co; ++j) gz[j] = sigmoid ? grad[j] * out[j] * (T(1) - out[j]) : grad[j];
-  activate(hidden, B, H, ln_w, ln_b, 0.0, relu, const_cast<T*>(stats), false, act);
-  at::parallel_for(0, Co, grain(B * H), [&](int64_t i0, int64_t i1) { axpy_rows_of(gz, 1, Co, act, B, H, i0, i1, gw2); });
-  at::parallel_for(0, B, grain(Co * H), [&](int64_t i0, int64_t i1) { axpy_rows_of(gz, Co, 1, w2, Co, H, i0, i1, gact); });
+  activate<T>(hidden, B, H, ln_w, ln_b, 0.0, relu, stats, nullptr, act);
+  at::parallel_for(0, Co, grain(B * H), [&](int64_t i0, int64_t i1) {
+    axpy_rows_of(gz, 1, Co, act, B, H, i0, i1, gw2);
+  });
+  at::parallel_for(0, B, grain(Co * H), [&](int64_t i0, int64_t i1) {
+    axpy_rows_of(gz, Co, 1, w2, Co, H, i0, i1, gact);
+  });
   std::fill(gb2, gb2 + Co, T(0));
   for (int64_t i = 0; i < B; ++i)
     for (int64_t j = 0; j < Co; ++j) gb2[j] += gz[i * Co + j];
@@ -650,8 +662,12 @@ void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* c
       for (int64_t k = 0; k < H; ++k) g[k] = rstd * (g[k] * ln_w[k] - mean_g - (h[k] - mean) * rstd * mean_gx);
     }
   }
-  at::parallel_for(0, H, grain(B * C), [&](int64_t i0, int64_t i1) { axpy_rows_of(gact, 1, H, context, B, C, i0, i1, gw1); });
-  at::parallel_for(0, B, grain(H * C), [&](int64_t i0, int64_t i1) { axpy_rows_of(gact, H, 1, w1, H, C, i0, i1, grad_context); });
+  at::parallel_for(0, H, grain(B * C), [&](int64_t i0, int64_t i1) {
+    axpy_rows_of(gact, 1, H, context, B, C, i0, i1, gw1);
+  });
+  at::parallel_for(0, B, grain(H * C), [&](int64_t i0, int64_t i1) {
+    axpy_rows_of(gact, H, 1, w1, H, C, i0, i1, grad_context);
+  });
   std::fill(gb1, gb1 + H, T(0));
   for (int64_t i = 0; i < B; ++i)
     for (int64_t k = 0; k < H; ++k) gb1[k] += gact[i * H + k];
@@ -834,7 +850,8 @@ TransformWeights check_transform(const torch::Tensor& context, const torch::Tens
               context.scalar_type());
   const int64_t C = context.size(1), H = w1.size(0), Co = w2.size(0);
   TORCH_CHECK(ln_w.has_value() == ln_b.has_value(), kName, ": expected both LayerNorm weight and bias, or neither");
-  std::vector<std::pair<const char*, const torch::Tensor*>> named = {{"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}};
+  std::vector<std::pair<const char*, const torch::Tensor*>> named = {
+      {"w1", &w1}, {"b1", &b1}, {"w2", &w2}, {"b2", &b2}};
   if (ln_w) named.insert(named.end(), {{"ln_w", &*ln_w}, {"ln_b", &*ln_b}});
   for (const auto& [name, t] : named)
     TORCH_CHECK(t->is_contiguous() && t->scalar_type() == context.scalar_type() && t->device().is_cpu(), kName,
@@ -867,9 +884,9 @@ std::vector<torch::Tensor> transform_forward(const torch::Tensor& context, const
   auto act = torch::empty({B, p.H}, context.options());
   auto out = torch::empty({B, p.Co}, context.options());
   AT_DISPATCH_FLOATING_TYPES(context.scalar_type(), "transform_forward", [&] {
-    transform_forward_of<scalar_t>(context.const_data_ptr<scalar_t>(), B, C, maybe<scalar_t>(p.w1), maybe<scalar_t>(p.b1),
-                                   p.H, maybe<scalar_t>(p.ln_w), maybe<scalar_t>(p.ln_b), eps, relu,
-                                   maybe<scalar_t>(p.w2), maybe<scalar_t>(p.b2), p.Co, sigmoid,
+    transform_forward_of<scalar_t>(context.const_data_ptr<scalar_t>(), B, C, maybe<scalar_t>(p.w1),
+                                   maybe<scalar_t>(p.b1), p.H, maybe<scalar_t>(p.ln_w), maybe<scalar_t>(p.ln_b), eps,
+                                   relu, maybe<scalar_t>(p.w2), maybe<scalar_t>(p.b2), p.Co, sigmoid,
                                    hidden.data_ptr<scalar_t>(), stats.data_ptr<scalar_t>(), act.data_ptr<scalar_t>(),
                                    out.data_ptr<scalar_t>());
   });
