@@ -373,6 +373,18 @@ def test_transforms_the_kernel_cannot_run_take_the_modules() -> None:
 
 
 @needs_kernels
+def test_transforms_called_with_grad_keep_the_parameters_graph(spy: Spy) -> None:
+    block = randomize_(GlobalContext(16, reduction=4))
+    context = torch.randn(2, 16)  # no grad of its own: the parameters still want theirs
+    block._transforms(context)[1].sum().backward()
+    assert all(p.grad is not None for p in block.add_transform.parameters())
+    assert not spy.calls
+    with torch.no_grad():
+        block._transforms(context)
+    assert spy.calls == {"transform_forward": 1}
+
+
+@needs_kernels
 def test_transform_kernels_name_what_they_expect() -> None:
     context, w1, b1 = torch.randn(2, 8), torch.randn(4, 8), torch.randn(4)
     w2, b2 = torch.randn(8, 4), torch.randn(8)

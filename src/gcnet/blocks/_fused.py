@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
@@ -356,13 +356,17 @@ class ContextTransforms:
         self.scale, self.add = scale, add
 
     def __call__(self, context: Tensor) -> tuple[Tensor | None, Tensor | None]:
-        if not (torch.is_grad_enabled() and context.requires_grad):
+        if not (torch.is_grad_enabled() and self._wants_grad(context)):
             native = self.native(context)
             if native is not None:
                 return native[0], native[1]
         gate = None if self.scale is None else torch.sigmoid(self.scale(context))
         add = None if self.add is None else self.add(context)
         return gate, add
+
+    def _wants_grad(self, context: Tensor) -> bool:
+        modules = (t for t in (self.scale, self.add) if t is not None)
+        return context.requires_grad or any(p.requires_grad for t in modules for p in t.parameters())
 
     def native(self, context: Tensor) -> tuple[Tensor | None, Tensor | None, list[_NativeState]] | None:
         """(gate, add, state for `native_backward`) through the CPU kernel, or None where it does not
