@@ -509,43 +509,43 @@ GCNET_INLINE void dot_rows(const T* a, int64_t R, int64_t K, const T* w, const T
     }
 }
 
+// Columns [n, n + 2W) of rows [i, i + R) of axpy_rows, R a constant: the accumulators stay in registers.
+template <typename T, int R>
+GCNET_INLINE void axpy_tile(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i,
+                            int64_t n, T* out) {
+  using V = typename Lanes<T>::Vec;
+  constexpr int W = Lanes<T>::kWidth;
+  V acc[R][2] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const V s0 = load<V>(src + k * Nc + n), s1 = load<V>(src + k * Nc + n + W);
+    for (int r = 0; r < R; ++r) {
+      const T c = coef[(i + r) * si + k * sk];
+      acc[r][0] += c * s0;
+      acc[r][1] += c * s1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    store(out + (i + r) * Nc + n, acc[r][0]);
+    store(out + (i + r) * Nc + n + W, acc[r][1]);
+  }
+}
+
 // out[i][n] = sum_k coef[i * si + k * sk] src[k][n] for rows i in [i0, i1), src (K, Nc): a product
 // whose left factor may be transposed (weight gradients: coef^T src; input gradients: coef w).
 // Tiles of 4 rows by 2 vectors of columns.
 template <typename T>
 GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i0,
                             int64_t i1, T* out) {
-  using V = typename Lanes<T>::Vec;
   constexpr int W = Lanes<T>::kWidth;
   constexpr int kI = 4;
   const int64_t whole = Nc - Nc % (2 * W);
   for (int64_t i = i0; i < i1; i += kI) {
     const int rows = static_cast<int>(std::min<int64_t>(kI, i1 - i));
     for (int64_t n = 0; n < whole; n += 2 * W) {
-      V acc[kI][2] = {};
-      if (rows == kI) {
-        for (int64_t k = 0; k < K; ++k) {
-          const V s0 = load<V>(src + k * Nc + n), s1 = load<V>(src + k * Nc + n + W);
-          for (int r = 0; r < kI; ++r) {
-            const T c = coef[(i + r) * si + k * sk];
-            acc[r][0] += c * s0;
-            acc[r][1] += c * s1;
-          }
-        }
-      } else {
-        for (int64_t k = 0; k < K; ++k) {
-          const V s0 = load<V>(src + k * Nc + n), s1 = load<V>(src + k * Nc + n + W);
-          for (int r = 0; r < rows; ++r) {
-            const T c = coef[(i + r) * si + k * sk];
-            acc[r][0] += c * s0;
-            acc[r][1] += c * s1;
-          }
-        }
-      }
-      for (int r = 0; r < rows; ++r) {
-        store(out + (i + r) * Nc + n, acc[r][0]);
-        store(out + (i + r) * Nc + n + W, acc[r][1]);
-      }
+      if (rows == kI)
+        axpy_tile<T, kI>(coef, si, sk, src, K, Nc, i, n, out);
+      else
+        for (int r = 0; r < rows; ++r) axpy_tile<T, 1>(coef, si, sk, src, K, Nc, i + r, n, out);
     }
     for (int r = 0; r < rows; ++r) {
       T* o = out + (i + r) * Nc;
@@ -623,6 +623,22 @@ void transform_forward_of(const T* context, int64_t B, int64_t C, const T* w1, c
     for (int64_t j = 0; j < B * Co; ++j) out[j] = T(1) / (T(1) + std::exp(-out[j]));
 }
 
+// Gradients of out = input w^T + b, input (B, K), w (M, K), from g (B, M), the gradient of out:
+// grad_w (M, K) = g^T input, grad_b (M) = sum of g's rows, grad_input (B, K) = g w.
+template <typename T>
+void linear_backward(const T* g, const T* input, const T* w, int64_t B, int64_t M, int64_t K, T* grad_w, T* grad_b,
+                     T* grad_input) {
+  at::parallel_for(0, M, grain(B * K), [&](int64_t i0, int64_t i1) {
+    axpy_rows_of(g, 1, M, input, B, K, i0, i1, grad_w);
+  });
+  at::parallel_for(0, B, grain(M * K), [&](int64_t i0, int64_t i1) {
+    axpy_rows_of(g, M, 1, w, M, K, i0, i1, grad_input);
+  });
+  std::fill(grad_b, grad_b + M, T(0));
+  for (int64_t i = 0; i < B; ++i)
+    for (int64_t m = 0; m < M; ++m) grad_b[m] += g[i * M + m];
+}
+
 // Gradients of transform_forward_of from grad (B, Co), the gradient of its output.
 template <typename T>
 void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* context, int64_t B, int64_t C,
@@ -631,15 +647,7 @@ void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* c
                            T* gln_w, T* gln_b, T* gw2, T* gb2) {
   for (int64_t j = 0; j < B * Co; ++j) gz[j] = sigmoid ? grad[j] * out[j] * (T(1) - out[j]) : grad[j];
   activate<T>(hidden, B, H, ln_w, ln_b, 0.0, relu, stats, nullptr, act);
-  at::parallel_for(0, Co, grain(B * H), [&](int64_t i0, int64_t i1) {
-    axpy_rows_of(gz, 1, Co, act, B, H, i0, i1, gw2);
-  });
-  at::parallel_for(0, B, grain(Co * H), [&](int64_t i0, int64_t i1) {
-    axpy_rows_of(gz, Co, 1, w2, Co, H, i0, i1, gact);
-  });
-  std::fill(gb2, gb2 + Co, T(0));
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t j = 0; j < Co; ++j) gb2[j] += gz[i * Co + j];
+  linear_backward(gz, act, w2, B, Co, H, gw2, gb2, gact);
   if (relu)
     for (int64_t j = 0; j < B * H; ++j) gact[j] = act[j] > T(0) ? gact[j] : T(0);
   if (ln_w) {  // gact becomes the gradient of hidden
@@ -662,15 +670,7 @@ void transform_backward_of(const T* grad, const T* out, bool sigmoid, const T* c
       for (int64_t k = 0; k < H; ++k) g[k] = rstd * (g[k] * ln_w[k] - mean_g - (h[k] - mean) * rstd * mean_gx);
     }
   }
-  at::parallel_for(0, H, grain(B * C), [&](int64_t i0, int64_t i1) {
-    axpy_rows_of(gact, 1, H, context, B, C, i0, i1, gw1);
-  });
-  at::parallel_for(0, B, grain(H * C), [&](int64_t i0, int64_t i1) {
-    axpy_rows_of(gact, H, 1, w1, H, C, i0, i1, grad_context);
-  });
-  std::fill(gb1, gb1 + H, T(0));
-  for (int64_t i = 0; i < B; ++i)
-    for (int64_t k = 0; k < H; ++k) gb1[k] += gact[i * H + k];
+  linear_backward(gact, context, w1, B, H, C, gw1, gb1, grad_context);
 }
 
 constexpr const char* kName = "gcnet context kernels";
