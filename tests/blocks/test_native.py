@@ -289,12 +289,25 @@ def test_kernels_name_what_they_expect() -> None:
 TRANSFORM_KINDS = list(itertools.product([True, False], [True, False], [False, True]))
 
 
+@pytest.fixture(params=[False, True], ids=["256-bit", "512-bit"])
+def product_tiles(request: pytest.FixtureRequest):
+    """The transforms' products with 32-byte tiles, then with 64-byte ones (where the CPU has AVX-512)."""
+    if not native_kernels_available():
+        pytest.skip("gcnet._C is not built")
+    default = _fused._native.wide_products()
+    if _fused._native.wide_products(request.param) != request.param:
+        pytest.skip("no AVX-512 on this CPU")
+    yield request.param
+    _fused._native.wide_products(default)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", TRANSFORM_KINDS, ids=lambda k: "-".join(
     name for name, on in zip(("norm", "relu", "sigmoid"), k) if on) or "plain")
-@pytest.mark.parametrize("B, C, H", [(32, 256, 16), (3, 37, 5), (1, 8, 3), (9, 130, 13)])
-def test_transform_kernels_match_the_modules_and_autograd(B: int, C: int, H: int, kind: tuple, dtype) -> None:
+@pytest.mark.parametrize("B, C, H", [(32, 256, 16), (5, 64, 32), (3, 37, 5), (1, 8, 3), (9, 130, 13)])
+def test_transform_kernels_match_the_modules_and_autograd(B: int, C: int, H: int, kind: tuple, dtype,
+                                                          product_tiles: bool) -> None:
     norm, relu, sigmoid = kind
     transform = randomize_(ContextTransform(C, 4, norm, relu, hidden_channels=H)).to(dtype)
     context = torch.randn(B, C, dtype=dtype, requires_grad=True)
@@ -322,8 +335,8 @@ def test_transform_kernels_match_the_modules_and_autograd(B: int, C: int, H: int
 
 
 @needs_kernels
-def test_transform_kernels_pass_gradcheck() -> None:
-    transform = randomize_(ContextTransform(11, 4, norm=True, relu=True, hidden_channels=5)).double()
+def test_transform_kernels_pass_gradcheck(product_tiles: bool) -> None:
+    transform = randomize_(ContextTransform(32, 4, norm=True, relu=True, hidden_channels=16)).double()
     params = list(transform.parameters())
 
     class Native(torch.autograd.Function):
@@ -339,7 +352,7 @@ def test_transform_kernels_pass_gradcheck() -> None:
             grad_context, grads = ContextTransforms.native_backward(ctx.states, context, params, grad, None)
             return (grad_context, *grads)
 
-    context = torch.randn(4, 11, dtype=torch.float64, requires_grad=True)
+    context = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)  # whole 512-bit tiles and a remainder
     assert torch.autograd.gradcheck(Native.apply, (context, *params))
 
 

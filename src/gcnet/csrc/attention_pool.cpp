@@ -30,8 +30,10 @@
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 // One build runs everywhere; the loader picks the widest vector unit the CPU has.
 #define GCNET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define GCNET_AVX512 1
 #else
 #define GCNET_CLONES
+#define GCNET_AVX512 0
 #endif
 #define GCNET_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
@@ -91,6 +93,31 @@ struct Lanes<double> {
     const Vec low = GCNET_SHUFFLE(Mask, a[0], a[1], 0, 4, 2, 6) + GCNET_SHUFFLE(Mask, a[0], a[1], 1, 5, 3, 7);
     const Vec high = GCNET_SHUFFLE(Mask, a[2], a[3], 0, 4, 2, 6) + GCNET_SHUFFLE(Mask, a[2], a[3], 1, 5, 3, 7);
     return GCNET_SHUFFLE(Mask, low, high, 0, 1, 4, 5) + GCNET_SHUFFLE(Mask, low, high, 2, 3, 6, 7);
+  }
+};
+
+// 64-byte vectors for the transforms' products (compute-bound, unlike the passes over x) on CPUs
+// with AVX-512: twice the multiply-adds per instruction, and 32 registers for their larger tiles.
+template <typename T>
+struct WideLanes {
+  using Narrow = Lanes<T>;
+  static constexpr int kWidth = 2 * Narrow::kWidth;
+  typedef T Vec __attribute__((vector_size(64)));
+
+  // Lane r of the result: the sum of a[r]'s lanes (each folded to a narrow vector first).
+  static GCNET_INLINE Vec row_sums(const Vec* a) {
+    typename Narrow::Vec folded[kWidth];
+    for (int r = 0; r < kWidth; ++r) {
+      typename Narrow::Vec low, high;
+      std::memcpy(&low, &a[r], sizeof(low));
+      std::memcpy(&high, reinterpret_cast<const char*>(&a[r]) + sizeof(low), sizeof(high));
+      folded[r] = low + high;
+    }
+    const typename Narrow::Vec first = Narrow::row_sums(folded), second = Narrow::row_sums(folded + Narrow::kWidth);
+    Vec sums;
+    std::memcpy(&sums, &first, sizeof(first));
+    std::memcpy(reinterpret_cast<char*>(&sums) + sizeof(first), &second, sizeof(second));
+    return sums;
   }
 };
 
@@ -461,10 +488,9 @@ GCNET_SAMPLE_KERNELS(double)
 
 // out[i][m] = bias[m] + sum_k a[i][k] w[m][k] for rows i < R of a (R, K) and rows m in [m0, m1)
 // of w (M, K). Tiles of W/2 rows of w by 2 rows of a: W accumulators, summed lane-wise at once.
-template <typename T>
+template <typename T, typename L>
 GCNET_INLINE void dot_rows(const T* a, int64_t R, int64_t K, const T* w, const T* bias, int64_t m0, int64_t m1,
                            int64_t M, T* out) {
-  using L = Lanes<T>;
   using V = typename L::Vec;
   constexpr int W = L::kWidth;
   constexpr int kM = W / 2;
@@ -510,11 +536,11 @@ GCNET_INLINE void dot_rows(const T* a, int64_t R, int64_t K, const T* w, const T
 }
 
 // Columns [n, n + 2W) of rows [i, i + R) of axpy_rows, R a constant: the accumulators stay in registers.
-template <typename T, int R>
+template <typename T, typename L, int R>
 GCNET_INLINE void axpy_tile(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i,
                             int64_t n, T* out) {
-  using V = typename Lanes<T>::Vec;
-  constexpr int W = Lanes<T>::kWidth;
+  using V = typename L::Vec;
+  constexpr int W = L::kWidth;
   V acc[R][2] = {};
   for (int64_t k = 0; k < K; ++k) {
     const V s0 = load<V>(src + k * Nc + n), s1 = load<V>(src + k * Nc + n + W);
@@ -533,19 +559,19 @@ GCNET_INLINE void axpy_tile(const T* coef, int64_t si, int64_t sk, const T* src,
 // out[i][n] = sum_k coef[i * si + k * sk] src[k][n] for rows i in [i0, i1), src (K, Nc): a product
 // whose left factor may be transposed (weight gradients: coef^T src; input gradients: coef w).
 // Tiles of 4 rows by 2 vectors of columns.
-template <typename T>
+template <typename T, typename L>
 GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i0,
                             int64_t i1, T* out) {
-  constexpr int W = Lanes<T>::kWidth;
+  constexpr int W = L::kWidth;
   constexpr int kI = 4;
   const int64_t whole = Nc - Nc % (2 * W);
   for (int64_t i = i0; i < i1; i += kI) {
     const int rows = static_cast<int>(std::min<int64_t>(kI, i1 - i));
     for (int64_t n = 0; n < whole; n += 2 * W) {
       if (rows == kI)
-        axpy_tile<T, kI>(coef, si, sk, src, K, Nc, i, n, out);
+        axpy_tile<T, L, kI>(coef, si, sk, src, K, Nc, i, n, out);
       else
-        for (int r = 0; r < rows; ++r) axpy_tile<T, 1>(coef, si, sk, src, K, Nc, i + r, n, out);
+        for (int r = 0; r < rows; ++r) axpy_tile<T, L, 1>(coef, si, sk, src, K, Nc, i + r, n, out);
     }
     for (int r = 0; r < rows; ++r) {
       T* o = out + (i + r) * Nc;
@@ -559,17 +585,68 @@ GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src,
 }
 
 // The products' leaves, compiled for each vector unit (a clone cannot reach into the lambdas of
-// parallel_for, so they call these).
-#define GCNET_PRODUCT_KERNELS(T)                                                                                \
-  GCNET_CLONES void dot_rows_of(const T* a, int64_t R, int64_t K, const T* w, const T* bias, int64_t m0,         \
-                                int64_t m1, int64_t M, T* out) {                                                \
-    dot_rows(a, R, K, w, bias, m0, m1, M, out);                                                                 \
+// parallel_for, so they call these); with AVX-512, the 64-byte tiles where the rows are whole tiles
+// (otherwise more of them would fall to the scalar remainder loops).
+#if GCNET_AVX512
+#define GCNET_WIDE_PRODUCTS(T)                                                                                  \
+  __attribute__((target("arch=x86-64-v4"))) void dot_rows_wide(const T* a, int64_t R, int64_t K, const T* w,    \
+                                                               const T* bias, int64_t m0, int64_t m1, int64_t M, \
+                                                               T* out) {                                         \
+    dot_rows<T, WideLanes<T>>(a, R, K, w, bias, m0, m1, M, out);                                                 \
   }                                                                                                             \
-  GCNET_CLONES void axpy_rows_of(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc,     \
-                                 int64_t i0, int64_t i1, T* out) {                                              \
-    axpy_rows(coef, si, sk, src, K, Nc, i0, i1, out);                                                           \
+  __attribute__((target("arch=x86-64-v4"))) void axpy_rows_wide(const T* coef, int64_t si, int64_t sk,          \
+                                                                const T* src, int64_t K, int64_t Nc, int64_t i0, \
+                                                                int64_t i1, T* out) {                            \
+    axpy_rows<T, WideLanes<T>>(coef, si, sk, src, K, Nc, i0, i1, out);                                           \
+  }
+GCNET_WIDE_PRODUCTS(float)
+GCNET_WIDE_PRODUCTS(double)
+
+bool avx512_present() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl");
+}
+#else
+bool avx512_present() { return false; }
+#endif
+
+// Whether the products take the 64-byte tiles: where the CPU has AVX-512, unless switched off (tests
+// compare both).
+bool& wide_products() {
+  static bool wide = avx512_present();
+  return wide;
+}
+
+#define GCNET_PRODUCT_KERNELS(T)                                                                                \
+  GCNET_CLONES void dot_rows_narrow(const T* a, int64_t R, int64_t K, const T* w, const T* bias, int64_t m0,     \
+                                    int64_t m1, int64_t M, T* out) {                                            \
+    dot_rows<T, Lanes<T>>(a, R, K, w, bias, m0, m1, M, out);                                                    \
+  }                                                                                                             \
+  GCNET_CLONES void axpy_rows_narrow(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, \
+                                     int64_t i0, int64_t i1, T* out) {                                          \
+    axpy_rows<T, Lanes<T>>(coef, si, sk, src, K, Nc, i0, i1, out);                                              \
+  }                                                                                                             \
+  void dot_rows_of(const T* a, int64_t R, int64_t K, const T* w, const T* bias, int64_t m0, int64_t m1, int64_t M,  \
+                   T* out) {                                                                                    \
+    if (GCNET_AVX512 && wide_products() && K % WideLanes<T>::kWidth == 0)                                       \
+      GCNET_WIDE_CALL(dot_rows_wide(a, R, K, w, bias, m0, m1, M, out));                                          \
+    else                                                                                                        \
+      dot_rows_narrow(a, R, K, w, bias, m0, m1, M, out);                                                        \
+  }                                                                                                             \
+  void axpy_rows_of(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i0,      \
+                    int64_t i1, T* out) {                                                                       \
+    if (GCNET_AVX512 && wide_products() && Nc % (2 * WideLanes<T>::kWidth) == 0)                                \
+      GCNET_WIDE_CALL(axpy_rows_wide(coef, si, sk, src, K, Nc, i0, i1, out));                                    \
+    else                                                                                                        \
+      axpy_rows_narrow(coef, si, sk, src, K, Nc, i0, i1, out);                                                  \
   }
 
+#if GCNET_AVX512
+#define GCNET_WIDE_CALL(call) call
+#else
+#define GCNET_WIDE_CALL(call) (void)0
+#endif
 GCNET_PRODUCT_KERNELS(float)
 GCNET_PRODUCT_KERNELS(double)
 
@@ -940,6 +1017,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scale_shift", &scale_shift,
         "x * scale + shift with (B, C) scale and shift broadcast over positions; max(that + residual, 0) with one",
         py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual") = py::none());
+  m.def(
+      "wide_products",
+      [](std::optional<bool> enable) {
+        if (enable) wide_products() = *enable && avx512_present();
+        return wide_products();
+      },
+      "whether the transforms' products take 64-byte (AVX-512) tiles; `enable` sets it (for tests)",
+      py::arg("enable") = py::none());
   m.def("transform_forward", &transform_forward,
         "out (B, Co) = W2 act(W1 context + b1) + b2 [sigmoid], act = [LayerNorm] [ReLU]; with hidden and norm stats",
         py::arg("context"), py::arg("w1"), py::arg("b1"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"),
