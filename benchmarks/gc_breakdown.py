@@ -122,37 +122,37 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     return rows
 
 
-def fixed_cost(block: GlobalContext, shape: tuple[int, ...], x: torch.Tensor, steps: int) -> float:
-    """ms of a forward+backward of `block` on a few positions per sample (memory ~0), each right
-    after a sum over x: Python, autograd, dispatch and the transforms' products."""
-    generator = torch.Generator().manual_seed(4)
-    small = torch.randn(shape, generator=generator).requires_grad_(True)
-    grad = torch.randn(shape, generator=generator)
+def mean_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: int) -> float:
+    """ms per call of `run`, each right after a sum over x (as in a block: the pass evicts the call's
+    code and data from L2), after 3 untimed calls."""
     spatial = tuple(range(2, x.dim()))
     total = 0.0
     for step in range(steps + 3):
         with torch.no_grad():
             x.sum(dim=spatial)
         start = time.perf_counter()
-        block(small).backward(grad)
+        run()
         if step >= 3:
             total += time.perf_counter() - start
     return total / steps * 1e3
 
 
+def fixed_cost(block: GlobalContext, shape: tuple[int, ...], x: torch.Tensor, steps: int) -> float:
+    """ms of a forward+backward of `block` on a few positions per sample (memory ~0), each right
+    after a sum over x: Python, autograd, dispatch and the transforms' products."""
+    generator = torch.Generator().manual_seed(4)
+    small = torch.randn(shape, generator=generator).requires_grad_(True)
+    grad = torch.randn(shape, generator=generator)
+    return mean_ms_after_a_pass(lambda: block(small).backward(grad), x, steps)
+
+
 def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps: int) -> tuple[float, float]:
-    """ms of the transforms' forward right after a sum over x, as in the block (their code and data
-    evicted from L2 by the pass), and back to back (in cache)."""
+    """ms of the transforms' forward right after a sum over x, as in the block, and back to back (in
+    cache)."""
     context = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(3))
-    spatial = tuple(range(2, x.dim()))
-    after = 0.0
     with torch.no_grad():
-        for _ in range(steps):
-            x.sum(dim=spatial)
-            start = time.perf_counter()
-            block._transforms(context)
-            after += time.perf_counter() - start
-        return after / steps * 1e3, mean_ms(lambda: block._transforms(context), steps)
+        return (mean_ms_after_a_pass(lambda: block._transforms(context), x, steps),
+                mean_ms(lambda: block._transforms(context), steps))
 
 
 def other_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Iterator
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -330,16 +331,15 @@ def _native_transform_args(transform: nn.Module, context: Tensor) -> tuple | Non
     return w1, b1, ln_w, ln_b, eps, relu, w2, b2
 
 
-class _NativeState:
+class _NativeState(NamedTuple):
     """What `transform_backward` takes from one transform's forward."""
 
-    __slots__ = ("norm", "relu", "sigmoid", "out", "hidden", "stats")
-
-    def __init__(
-        self, norm: bool, relu: bool, sigmoid: bool, out: Tensor, hidden: Tensor, stats: Tensor
-    ) -> None:
-        self.norm, self.relu, self.sigmoid = norm, relu, sigmoid
-        self.out, self.hidden, self.stats = out, hidden, stats
+    norm: bool
+    relu: bool
+    sigmoid: bool
+    out: Tensor
+    hidden: Tensor
+    stats: Tensor
 
 
 class ContextTransforms:
