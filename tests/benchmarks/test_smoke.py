@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models
+from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models, pool_blocks
 from gcnet.blocks import GlobalContext
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
@@ -188,3 +188,19 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
     fixed = "block fwd+bwd at 4x32x2x2, after a sum over x (the part that does not scale with x)"
     assert float(rows[fixed]) > 0
     assert _fused._native is not None and not isinstance(_fused._native, gc_breakdown._Timed)
+
+
+def test_pool_block_benchmark_times_both_kernels_against_one_pass() -> None:
+    from gcnet.blocks import _fused
+
+    rows = pool_blocks.main(["--quick", "--threads", "1", "--system-allocator"])
+    if not _fused.native_kernels_available():
+        assert rows == []
+        return
+    for shape in ("4x32x16x16", "2x64x2x4x4"):
+        kernels = (("forward", "x.sum", "forward's"), ("backward", "x + grad_out", "backward's"))
+        for kernel, one_pass, chosen in kernels:
+            mine = [row for row in rows if row[:2] == [shape, kernel]]
+            assert mine[0][2] == one_pass and any(chosen in row[2] for row in mine[1:])
+            assert all(float(row[4]) > 0 and float(row[6]) > 0 for row in mine)
+            assert all(row[5].endswith("x") and row[7].endswith("x") for row in mine[1:])

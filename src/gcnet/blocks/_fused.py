@@ -146,22 +146,34 @@ def _cache_bytes() -> tuple[int, int]:
     return cache_sizes().get("L2", 2**20), last_level_cache_bytes() or 32 * 2**20
 
 
-def positions_per_block(positions: Tensor) -> int:
+# Shortest row segment worth cutting NCHW rows to (16 cache lines): on Zen 5, forward blocks with
+# rows of 1.5-1.75 KiB beat whole samples by 4-19%; rows of 484-784 bytes lost (docs/benchmarks.md).
+_MIN_ROW_BYTES = 1024
+
+
+def positions_per_block(positions: Tensor, pooling: bool = False) -> int:
     """Positions the kernels take at a time from one sample of (B, C, N), from this machine's caches.
 
-    A block is read twice in a row (logits, then the weighted sum); the second read must find it in
-    cache. Channels-last blocks are contiguous and sized to half of L2. NCHW blocks cut every
-    channel row, and rows cut short defeat the hardware prefetcher: a whole sample is one block
+    A block is read twice in a row (logits, then the weighted sum, or grad_x); the second read must
+    find it in cache. Channels-last blocks are contiguous and sized to half of L2. NCHW blocks cut
+    every channel row, and rows cut short defeat the hardware prefetcher: a whole sample is one block
     while the threads' samples fit in half of the last-level cache, and blocks stay that large above.
+    The pooling forward (`pooling`) reads x alone in its second pass: there NCHW blocks fit in half of
+    L2, split evenly, where that leaves each row at least `_MIN_ROW_BYTES` (the backward streams
+    grad_out and grad_x beside x, and blocks smaller than a sample were slower there).
     """
     B, C, N = positions.shape
     l2, l3 = _cache_bytes()
     row = C * positions.element_size()  # bytes of one position
     if _transposed_is_dense(positions):
-        budget = l2 // 2
-    else:
-        budget = max(l2, l3 // (2 * min(B, torch.get_num_threads())))
-    return min(N, max(16, budget // row))
+        return min(N, max(16, (l2 // 2) // row))
+    whole = min(N, max(16, max(l2, l3 // (2 * min(B, torch.get_num_threads()))) // row))
+    if pooling:
+        blocks = -(-N // max(1, (l2 // 2) // row))
+        even = -(-N // blocks)
+        if even * positions.element_size() >= _MIN_ROW_BYTES:
+            return min(whole, even)
+    return whole
 
 
 def _dense(weight: Tensor) -> Tensor:
@@ -195,7 +207,7 @@ def attention_pool(positions: Tensor, weight: Tensor, bias: Tensor) -> tuple[Ten
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, weight, bias))
     if not wants_grad and _use_native(positions):
         return _native.attention_pool(
-            positions, _dense(weight), bias, positions_per_block(positions)
+            positions, _dense(weight), bias, positions_per_block(positions, pooling=True)
         )
     weights = attention_logits(positions, weight, bias).softmax(dim=-1)  # (B, 1, N)
     return weights, weighted_pool(positions, weights)
