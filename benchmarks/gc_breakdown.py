@@ -13,7 +13,8 @@ with this design, printed as a ratio to the floor's forward (what the fwd+bwd ta
 docs/benchmarks.md divides by). Then the transforms' forward (as the block runs it without
 gradients) right after a pass over x and back to back (small ops pay for the pass), one pass
 x + grad_out (what the pooling backward must at least take), and the block on 2 positions per
-side, where x costs nothing: what does not scale with x.
+side, where x costs nothing: what does not scale with x, after a pass over x and with all caches
+evicted (the benchmarks' default).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import add_allocator_option, markdown_table, start_run
+from benchmarks._common import CacheEviction, add_allocator_option, markdown_table, start_run
 from benchmarks.blocks import randomize_, shape_name
 from gcnet.blocks import GlobalContext, _fused
 
@@ -102,8 +103,11 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
         alone[name] = mean_ms(lambda: getattr(native, name)(*args), steps)
         rows.append([f"kernel {name}", f"{seconds / steps * 1e3:.2f}", f"{alone[name]:.2f}"])
     others = other_parts(block, x.detach(), grad, steps)
-    if "transform_forward" in totals:  # the transforms ran as kernels: timed above
+    if "transform_forward" in totals or "block_forward" in totals:  # the transforms ran as kernels
         del others["transforms (B, C), forward + backward"]
+    if "block_forward" in totals:  # two calls ran every part: the parts alone are timed below instead
+        others.update(block_parts(block, x.detach(), grad, steps))
+        alone.clear()
     alone.update(others)
     floor = alone.pop("floor forward")
     rows[0][2] = f"{floor:.2f}"
@@ -117,8 +121,7 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
         one_pass = mean_ms(lambda: x + grad, steps)
     rows.append(["x + grad_out, one pass (the pooling backward's memory floor)", "", f"{one_pass:.2f}"])
     few = (*shape[:2], *(2,) * (len(shape) - 2))
-    name = f"block fwd+bwd at {shape_name(few)}, after a sum over x (the part that does not scale with x)"
-    rows.append([name, "", f"{fixed_cost(block, few, x.detach(), steps):.2f}"])
+    rows += [[name, "", f"{ms:.2f}"] for name, ms in fixed_cost(block, few, x.detach(), steps).items()]
     return rows
 
 
@@ -126,10 +129,19 @@ def mean_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: int)
     """ms per call of `run`, each right after a sum over x (as in a block: the pass evicts the call's
     code and data from L2), after 3 untimed calls."""
     spatial = tuple(range(2, x.dim()))
-    total = 0.0
-    for step in range(steps + 3):
+
+    def before() -> None:
         with torch.no_grad():
             x.sum(dim=spatial)
+
+    return mean_ms_after(run, before, steps)
+
+
+def mean_ms_after(run: Callable[[], object], before: Callable[[], object], steps: int) -> float:
+    """ms per call of `run`, each right after `before` (untimed), after 3 untimed calls."""
+    total = 0.0
+    for step in range(steps + 3):
+        before()
         start = time.perf_counter()
         run()
         if step >= 3:
@@ -137,13 +149,34 @@ def mean_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: int)
     return total / steps * 1e3
 
 
-def fixed_cost(block: GlobalContext, shape: tuple[int, ...], x: torch.Tensor, steps: int) -> float:
-    """ms of a forward+backward of `block` on a few positions per sample (memory ~0), each right
-    after a sum over x: Python, autograd, dispatch and the transforms' products."""
+def fixed_cost(
+    block: GlobalContext, shape: tuple[int, ...], x: torch.Tensor, steps: int
+) -> dict[str, float]:
+    """ms of `block` on a few positions per sample (memory ~0): forward+backward right after a sum
+    over x, and forward (eval) and forward+backward right after all caches were evicted (as a
+    block finds them behind a layer whose activations exceed the last-level cache). What remains is
+    Python, autograd, dispatch and the transforms' products, each finding its code and data gone."""
     generator = torch.Generator().manual_seed(4)
     small = torch.randn(shape, generator=generator).requires_grad_(True)
     grad = torch.randn(shape, generator=generator)
-    return mean_ms_after_a_pass(lambda: block(small).backward(grad), x, steps)
+    evict = CacheEviction(CacheEviction.mib_for_this_machine())
+
+    def forward() -> None:
+        with torch.no_grad():
+            block(small)
+
+    name = shape_name(shape)
+    after_pass = mean_ms_after_a_pass(lambda: block(small).backward(grad), x, steps)
+    block.eval()
+    evicted_forward = mean_ms_after(forward, evict, steps)
+    block.train()
+    return {
+        f"block fwd+bwd at {name}, after a sum over x (the part that does not scale with x)": after_pass,
+        f"block fwd (eval) at {name}, caches evicted": evicted_forward,
+        f"block fwd+bwd at {name}, caches evicted": mean_ms_after(
+            lambda: block(small).backward(grad), evict, steps
+        ),
+    }
 
 
 def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps: int) -> tuple[float, float]:
@@ -153,6 +186,38 @@ def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps
     with torch.no_grad():
         return (mean_ms_after_a_pass(lambda: block._transforms(context), x, steps),
                 mean_ms(lambda: block._transforms(context), steps))
+
+
+def block_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:
+    """ms per call, alone, of the kernels that `block_forward` and `block_backward` run in turn (the
+    fusion and grad_out's sum are in `other_parts`)."""
+    native = _fused._native
+    positions, grad = x.flatten(2), grad.flatten(2)  # (B, C, N)
+    weight, bias = block.key.weight.detach(), block.key.bias.detach()
+    args = _fused._native_transform_args(block.add_transform, positions)
+    w1, b1, ln_w, ln_b, _, relu, w2, b2 = args
+    forward = _fused.positions_per_block(positions, pooling=True)
+    backward = _fused.positions_per_block(positions)
+    alpha, context = native.attention_pool(positions, weight, bias, forward)
+    out, hidden, stats = native.transform_forward(context, *args, False)
+    sums = grad.sum(-1)
+
+    def transforms() -> object:
+        native.transform_forward(context, *args, False)
+        return native.transform_backward(
+            sums, out, False, context, w1, b1, ln_w, ln_b, relu, w2, b2, hidden, stats
+        )
+
+    grad_context = transforms()[0]
+    return {
+        "pooling forward (kernel attention_pool)": mean_ms(
+            lambda: native.attention_pool(positions, weight, bias, forward), steps),
+        "transforms forward + backward (kernels)": mean_ms(transforms, steps),
+        "pooling backward (kernel attention_pool_backward)": mean_ms(
+            lambda: native.attention_pool_backward(
+                positions, grad, weight, alpha, context, grad_context, None, backward
+            ), steps),
+    }
 
 
 def other_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:
