@@ -14,13 +14,15 @@ docs/benchmarks.md divides by). Then the transforms' forward (as the block runs 
 gradients) right after a pass over x and back to back (small ops pay for the pass), one pass
 x + grad_out (what the pooling backward must at least take), and the block on 2 positions per
 side, where x costs nothing: what does not scale with x, after a pass over x and with all caches
-evicted (the benchmarks' default).
+evicted (the benchmarks' default). Rows timed back to back are means; rows timed after a pass or
+an eviction are medians.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -125,28 +127,29 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     return rows
 
 
-def mean_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: int) -> float:
-    """ms per call of `run`, each right after a sum over x (as in a block: the pass evicts the call's
-    code and data from L2), after 3 untimed calls."""
+def median_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: int) -> float:
+    """Median ms of a call of `run`, each right after a sum over x (as in a block: the pass evicts
+    the call's code and data from L2), after 3 untimed calls."""
     spatial = tuple(range(2, x.dim()))
 
     def before() -> None:
         with torch.no_grad():
             x.sum(dim=spatial)
 
-    return mean_ms_after(run, before, steps)
+    return median_ms_after(run, before, steps)
 
 
-def mean_ms_after(run: Callable[[], object], before: Callable[[], object], steps: int) -> float:
-    """ms per call of `run`, each right after `before` (untimed), after 3 untimed calls."""
-    total = 0.0
+def median_ms_after(run: Callable[[], object], before: Callable[[], object], steps: int) -> float:
+    """Median ms of a call of `run`, each right after `before` (untimed), after 3 untimed calls (a
+    median: one late call, e.g. the VM descheduled, would move a mean of these short calls)."""
+    times = []
     for step in range(steps + 3):
         before()
         start = time.perf_counter()
         run()
         if step >= 3:
-            total += time.perf_counter() - start
-    return total / steps * 1e3
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
 
 
 def fixed_cost(
@@ -166,14 +169,14 @@ def fixed_cost(
             block(small)
 
     name = shape_name(shape)
-    after_pass = mean_ms_after_a_pass(lambda: block(small).backward(grad), x, steps)
+    after_pass = median_ms_after_a_pass(lambda: block(small).backward(grad), x, steps)
     block.eval()
-    evicted_forward = mean_ms_after(forward, evict, steps)
+    evicted_forward = median_ms_after(forward, evict, steps)
     block.train()
     return {
         f"block fwd+bwd at {name}, after a sum over x (the part that does not scale with x)": after_pass,
         f"block fwd (eval) at {name}, caches evicted": evicted_forward,
-        f"block fwd+bwd at {name}, caches evicted": mean_ms_after(
+        f"block fwd+bwd at {name}, caches evicted": median_ms_after(
             lambda: block(small).backward(grad), evict, steps
         ),
     }
@@ -184,7 +187,7 @@ def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps
     cache)."""
     context = torch.randn(x.shape[:2], generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        return (mean_ms_after_a_pass(lambda: block._transforms(context), x, steps),
+        return (median_ms_after_a_pass(lambda: block._transforms(context), x, steps),
                 mean_ms(lambda: block._transforms(context), steps))
 
 
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[object]]]:
         shape = tuple(int(size) for size in name.split("x"))
         rows = breakdown(shape, args.steps)
         results[shape_name(shape)] = rows
-        print(f"#### {shape_name(shape)}, mean of {args.steps} steps\n")
+        print(f"#### {shape_name(shape)}, {args.steps} steps\n")
         header = ["part", "in the block, ms per step", "alone, ms per call"]
         print(markdown_table(header, rows), "\n", flush=True)
     return results
