@@ -105,11 +105,8 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
         alone[name] = mean_ms(lambda: getattr(native, name)(*args), steps)
         rows.append([f"kernel {name}", f"{seconds / steps * 1e3:.2f}", f"{alone[name]:.2f}"])
     others = other_parts(block, x.detach(), grad, steps)
-    if "transform_forward" in totals or "block_forward" in totals:  # the transforms ran as kernels
+    if "transform_forward" in totals:  # the transforms ran as kernels: timed above
         del others["transforms (B, C), forward + backward"]
-    if "block_forward" in totals:  # two calls ran every part: the parts alone are timed below instead
-        others.update(block_parts(block, x.detach(), grad, steps))
-        alone.clear()
     alone.update(others)
     floor = alone.pop("floor forward")
     rows[0][2] = f"{floor:.2f}"
@@ -189,38 +186,6 @@ def transforms_forward_after_a_pass(block: GlobalContext, x: torch.Tensor, steps
     with torch.no_grad():
         return (median_ms_after_a_pass(lambda: block._transforms(context), x, steps),
                 mean_ms(lambda: block._transforms(context), steps))
-
-
-def block_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:
-    """ms per call, alone, of the kernels that `block_forward` and `block_backward` run in turn (the
-    fusion and grad_out's sum are in `other_parts`)."""
-    native = _fused._native
-    positions, grad = x.flatten(2), grad.flatten(2)  # (B, C, N)
-    weight, bias = block.key.weight.detach(), block.key.bias.detach()
-    args = _fused._native_transform_args(block.add_transform, positions)
-    w1, b1, ln_w, ln_b, _, relu, w2, b2 = args
-    forward = _fused.positions_per_block(positions, pooling=True)
-    backward = _fused.positions_per_block(positions)
-    alpha, context = native.attention_pool(positions, weight, bias, forward)
-    out, hidden, stats = native.transform_forward(context, *args, False)
-    sums = grad.sum(-1)
-
-    def transforms() -> object:
-        native.transform_forward(context, *args, False)
-        return native.transform_backward(
-            sums, out, False, context, w1, b1, ln_w, ln_b, relu, w2, b2, hidden, stats
-        )
-
-    grad_context = transforms()[0]
-    return {
-        "pooling forward (kernel attention_pool)": mean_ms(
-            lambda: native.attention_pool(positions, weight, bias, forward), steps),
-        "transforms forward + backward (kernels)": mean_ms(transforms, steps),
-        "pooling backward (kernel attention_pool_backward)": mean_ms(
-            lambda: native.attention_pool_backward(
-                positions, grad, weight, alpha, context, grad_context, None, backward
-            ), steps),
-    }
 
 
 def other_parts(block: GlobalContext, x: torch.Tensor, grad: torch.Tensor, steps: int) -> dict[str, float]:

@@ -173,15 +173,15 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
         return
     names = [row[0] for row in results["4x32x6x6"]]
     assert names[:3] == ["floor forward", "block forward", "block backward"]
-    # The whole block runs as two kernel calls; their parts are timed alone and bound the step.
-    assert {"kernel block_forward", "kernel block_backward"} <= set(names)
-    assert "transforms (B, C), forward + backward" not in names
+    assert {"kernel attention_pool", "kernel attention_pool_backward"} <= set(names)
     rows = {row[0]: row[2] for row in results["4x32x6x6"]}
-    parts = ["pooling forward (kernel attention_pool)", "transforms forward + backward (kernels)",
-             "pooling backward (kernel attention_pool_backward)", "fusion: x + add term",
-             "grad_out summed over positions"]
+    # The transforms run as kernels (their rows above), so their small graph is not timed again.
+    assert {"kernel transform_forward", "kernel transform_backward"} <= set(names)
+    assert "transforms (B, C), forward + backward" not in names
+    kernels = [name for name in names if name.startswith("kernel ")]
+    parts = [*kernels, "fusion: x + add term", "grad_out summed over positions"]
     bound = float(rows["sum of the parts alone (lower bound)"])
-    assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=0.03)
+    assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=0.02)
     assert rows["  the same / floor forward alone"].endswith("x")
     assert float(rows["transforms forward, right after a sum over x"]) > 0
     assert "x + grad_out, one pass (the pooling backward's memory floor)" in rows

@@ -80,18 +80,20 @@ def outputs_and_grads(block: torch.nn.Module, x: torch.Tensor, grad: torch.Tenso
     return [out.detach(), x.grad, *(p.grad for p in block.parameters())]
 
 
-# (pooling, fusion) -> the kernels one training step calls where the transforms run as modules (hooked):
-# the parts of the block one at a time. Otherwise a step is one block_forward and one block_backward.
+# (pooling, fusion) -> the kernels one training step calls.
+ONE_TRANSFORM = {"transform_forward": 1, "transform_backward": 1}
 CONFIGS = {
-    ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1},
-    ("attention", "scale"): {"attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1},
+    ("attention", "add"): {"attention_pool": 1, "attention_pool_backward": 1, **ONE_TRANSFORM},
+    ("attention", "scale"): {
+        "attention_pool": 1, "attention_pool_backward": 1, "fusion_sums": 1, **ONE_TRANSFORM,
+    },
     ("attention", "both"): {
         "attention_pool": 1, "scale_shift": 1, "attention_pool_backward": 1, "fusion_sums": 1,
+        "transform_forward": 2, "transform_backward": 2,
     },
-    ("average", "scale"): {"fusion_sums": 1, "scale_shift": 1},
-    ("average", "add"): {},
+    ("average", "scale"): {"fusion_sums": 1, "scale_shift": 1, **ONE_TRANSFORM},
+    ("average", "add"): ONE_TRANSFORM,
 }
-WHOLE_BLOCK = {"block_forward": 1, "block_backward": 1}
 
 
 def make_block(channels: int, pooling: str, fusion: str) -> GlobalContext:
@@ -99,18 +101,12 @@ def make_block(channels: int, pooling: str, fusion: str) -> GlobalContext:
 
 
 @needs_kernels
-@pytest.mark.parametrize("hooked", [False, True], ids=["whole", "parts"])
 @pytest.mark.parametrize("config", list(CONFIGS), ids="-".join)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_forward_and_backward_match_the_composite_path(spy: Spy, shape: tuple, channels_last: bool,
-                                                       config: tuple[str, str], hooked: bool) -> None:
+                                                       config: tuple[str, str]) -> None:
     block = make_block(shape[1], *config)
-    seen = []
-    if hooked:  # a hook needs the modules to run: the kernels then take the block's other parts
-        for transform in (block.scale_transform, block.add_transform):
-            if transform is not None:
-                transform.register_forward_hook(lambda *_: seen.append(1))
     x = laid_out(torch.randn(shape, dtype=torch.float64) * 2, channels_last)
     grad = laid_out(torch.randn(shape, dtype=torch.float64), channels_last)
     with composite_autograd():
@@ -118,10 +114,8 @@ def test_forward_and_backward_match_the_composite_path(spy: Spy, shape: tuple, c
     with native_kernels(False):
         without_kernels = outputs_and_grads(block, x, grad)
     assert not spy.calls
-    seen.clear()
     got = outputs_and_grads(block, x, grad)
-    assert spy.calls == (CONFIGS[config] if hooked else WHOLE_BLOCK)
-    assert len(seen) == hooked * (2 if config[1] == "both" else 1)
+    assert spy.calls == CONFIGS[config]
     for a, b, c in zip(got, without_kernels, expected):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-10)
@@ -233,8 +227,8 @@ def test_the_pooling_forward_takes_its_own_blocks(monkeypatch: pytest.MonkeyPatc
             kernel = getattr(native, name)
 
             def record(*args):
-                if name in ("block_forward", "block_backward"):  # positions_per_block after 3 or 5 tensors
-                    blocks[name] = args[3 if name == "block_forward" else 5]
+                if name.startswith("attention_pool"):
+                    blocks[name] = args[-1]
                 return kernel(*args)
 
             return record
@@ -248,7 +242,7 @@ def test_the_pooling_forward_takes_its_own_blocks(monkeypatch: pytest.MonkeyPatc
         expected = outputs_and_grads(block, x, grad)
     got = outputs_and_grads(block, x, grad)
     # 16 KiB of a sample at a time in the forward (128 positions, rows of 1 KiB), whole samples backward.
-    assert blocks == {"block_forward": 128, "block_backward": 1024}
+    assert blocks == {"attention_pool": 128, "attention_pool_backward": 1024}
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
@@ -261,7 +255,7 @@ def test_inference_matches_the_paper_formula(spy: Spy, shape: tuple, channels_la
     x = laid_out(torch.randn(shape, dtype=torch.float64), channels_last)
     with torch.no_grad():
         out = block(x)
-    assert spy.calls == {"block_forward": 1}
+    assert spy.calls == {"attention_pool": 1, "transform_forward": 1}
     if x.numel() < 10_000:  # the reference loops over positions in Python
         expected, _ = global_context_reference(block, x, "attention", "add", bottleneck=True, norm=True, relu=True)
         torch.testing.assert_close(out, expected, rtol=0, atol=1e-10)
@@ -327,21 +321,6 @@ def test_kernels_name_what_they_expect() -> None:
         _fused._native.scale_shift(x, context, context[:, :4].contiguous())
     with pytest.raises(RuntimeError, match="residual laid out like x"):
         _fused._native.scale_shift(x, context, context, channels_last)
-    transform = (torch.randn(2, 8), torch.randn(2), None, None, 0.0, True, torch.randn(8, 2), torch.randn(8))
-    block_forward = _fused._native.block_forward
-    with pytest.raises(RuntimeError, match="a scale or an add transform"):
-        block_forward(x, weight, bias, 6, None, None, None)
-    with pytest.raises(RuntimeError, match="a key weight and bias, or neither"):
-        block_forward(x, weight, None, 6, None, transform, None)
-    narrow = (*transform[:6], torch.randn(4, 2), torch.randn(4))
-    with pytest.raises(RuntimeError, match="a transform to 8 channels, got 4"):
-        block_forward(x, weight, bias, 6, None, narrow, None)
-    _, alpha, context, *states = block_forward(x, weight, bias, 6, None, transform, None)
-    state = tuple(states[3:])  # the add transform's out, hidden, stats
-    with pytest.raises(RuntimeError, match="alpha with a key weight"):
-        _fused._native.block_backward(x, x, weight, None, context, 6, None, None, transform, state)
-    with pytest.raises(RuntimeError, match="the state of each transform given"):
-        _fused._native.block_backward(x, x, weight, alpha, context, 6, None, None, transform, None)
 
 
 # (norm, relu, sigmoid): GC's add transform, SE's gate, and the ablations' other bottlenecks.
@@ -442,16 +421,6 @@ def test_transforms_the_kernel_cannot_run_take_the_modules() -> None:
     with torch.no_grad():
         expected = block.add_transform(block.context(torch.ones(2, 16, 3, 3)))
         torch.testing.assert_close(block._transforms(block.context(torch.ones(2, 16, 3, 3)))[1], expected)
-
-
-@needs_kernels
-def test_a_block_without_a_graph_to_record_is_one_kernel_call(spy: Spy) -> None:
-    block = randomize_(GlobalContext(16, reduction=4)).requires_grad_(False)
-    x = torch.randn(2, 16, 5, 5)
-    out = block(x)  # grad mode on, but nothing needs a gradient
-    assert spy.calls == {"block_forward": 1} and not out.requires_grad
-    with native_kernels(False):
-        torch.testing.assert_close(out, block(x), rtol=1e-6, atol=1e-6)
 
 
 @needs_kernels

@@ -67,18 +67,14 @@ def outputs_and_grads(forward, block: nn.Module, x: Tensor) -> list[Tensor]:
 
 @pytest.fixture
 def residual_calls(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
-    """Counts the kernel calls that end a residual block ("residual end": scale_shift with a residual,
-    or a context block's block_forward with one), and every kernel call by name."""
+    """Counts the kernel calls that end a residual block (scale_shift with a residual)."""
     calls: Counter[str] = Counter()
     kernels = _fused._native
-    residual_at = {"scale_shift": 3, "block_forward": 6}
 
     class Counting:
         def __getattr__(self, name: str):
             def counted(*args):
-                calls[name] += 1
-                if name in residual_at and args[residual_at[name]] is not None:
-                    calls["residual end"] += 1
+                calls[name + ("+residual" if name == "scale_shift" and args[3] is not None else "")] += 1
                 return getattr(kernels, name)(*args)
 
             return counted
@@ -107,11 +103,11 @@ def test_fused_end_matches_the_three_ops(residual_calls: Counter[str], kind: str
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     # float64 Conv3d returns NCDHW memory for channels_last_3d input: the layouts differ, the ops run.
     kernel_calls = 0 if dims == 3 and channels_last else 1
-    assert residual_calls["residual end"] == kernel_calls
+    assert residual_calls["scale_shift+residual"] == kernel_calls
     block.eval()
     with torch.no_grad():
         torch.testing.assert_close(block(x), three_ops(block, x), rtol=1e-10, atol=1e-10)
-    assert residual_calls["residual end"] == 2 * kernel_calls
+    assert residual_calls["scale_shift+residual"] == 2 * kernel_calls
 
 
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "pytorch"])
@@ -180,7 +176,7 @@ def test_subclasses_with_their_own_forward_keep_it(residual_calls: Counter[str])
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(block(x), three_ops(block, x), rtol=1e-12, atol=1e-12)
-    assert residual_calls["residual end"] == int(native_kernels_available())
+    assert residual_calls["scale_shift+residual"] == int(native_kernels_available())
 
 
 def test_a_residual_of_another_shape_is_refused() -> None:
@@ -194,8 +190,8 @@ def test_unfused_ends_compute_the_same(residual_calls: Counter[str]) -> None:
     x = torch.randn(2, 8, 5, 5, dtype=torch.float64)
     with torch.no_grad(), fused_block_ends(False):
         unfused = block(x)
-    # the GC block alone (one call: pooling, transforms, fusion), then the add and the ReLU
-    assert residual_calls == {"block_forward": 1}
+    # the GC block alone (pooling, transforms), then the add and the ReLU
+    assert residual_calls == {"attention_pool": 1, "transform_forward": 1}
     with torch.no_grad():
         torch.testing.assert_close(block(x), unfused, rtol=1e-12, atol=1e-12)
 

@@ -68,18 +68,10 @@ def composite_requested() -> bool:
     return not _ENABLED
 
 
-# Bound once: each call of a block looks them up, and with caches evicted by the pass over x before
-# it, every attribute lookup and function call costs (`benchmarks.gc_breakdown`, the fixed cost).
-_is_compiling, _is_scripting = torch.compiler.is_compiling, torch.jit.is_scripting
-_is_tracing, _in_onnx_export = torch._C._is_tracing, torch.onnx.is_in_onnx_export
-_functorch_active, _autocast_enabled = torch._C._are_functorch_transforms_active, torch.is_autocast_enabled
-_modules, _num_threads = torch.nn.modules.module, torch.get_num_threads
-
-
 def _eager() -> bool:
-    if not _ENABLED or _is_compiling() or _is_scripting() or _is_tracing():
+    if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
         return False
-    return not (_in_onnx_export() or _functorch_active())
+    return not (torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active())
 
 
 def fused_enabled(*tensors: Tensor | None) -> bool:
@@ -123,9 +115,6 @@ def block_ends_fused() -> bool:
     return _BLOCK_ENDS_FUSED
 
 
-_DTYPES = (torch.float32, torch.float64)
-
-
 def _native_layout(positions: Tensor) -> bool:
     return positions.is_contiguous() or positions.transpose(1, 2).is_contiguous()
 
@@ -138,9 +127,9 @@ def _use_native(positions: Tensor) -> bool:
         and _eager()
         and not is_in_torch_dispatch_mode()  # e.g. FlopCounterMode sees only dispatched ops
         and positions.device.type == "cpu"
-        and positions.dtype in _DTYPES
+        and positions.dtype in (torch.float32, torch.float64)
         and type(positions) is Tensor
-        and positions.shape[0] >= _num_threads()
+        and positions.shape[0] >= torch.get_num_threads()
         and _native_layout(positions)
     )
 
@@ -391,41 +380,30 @@ class ContextTransforms:
         modules = (t for t in (self.scale, self.add) if t is not None)
         return context.requires_grad or any(p.requires_grad for t in modules for p in t.parameters())
 
-    def native_args(self, like: Tensor) -> tuple[tuple | None, tuple | None] | None:
-        """The kernels' arguments of the scale and of the add transform (None for one absent), for a
-        context of `like`'s dtype, or None where the kernels would not compute what the modules do.
-        The caller checks that the kernels are enabled, that nothing traces and that `like` is a
-        plain CPU float32/float64 tensor (`_use_native` does)."""
-        if _autocast_enabled("cpu") or _global_module_hooks():
-            return None
-        scale = add = None
-        if self.scale is not None and (scale := _native_transform_args(self.scale, like)) is None:
-            return None
-        if self.add is not None and (add := _native_transform_args(self.add, like)) is None:
-            return None
-        return None if scale is None and add is None else (scale, add)
-
     def native(self, context: Tensor) -> tuple[Tensor | None, Tensor | None, list[_NativeState]] | None:
         """(gate, add, state for `native_backward`) through the CPU kernel, or None where it does not
         apply. Builds no graph."""
         if not (_native is not None and _NATIVE_ENABLED and _eager() and not is_in_torch_dispatch_mode()):
             return None
-        if context.device.type != "cpu" or context.dtype not in _DTYPES or type(context) is not Tensor:
+        if context.device.type != "cpu" or context.dtype not in (torch.float32, torch.float64):
             return None
-        plan = self.native_args(context)
-        if plan is None:
+        if type(context) is not Tensor or torch.is_autocast_enabled("cpu") or _global_module_hooks():
+            return None
+        transforms = [(t, sigmoid) for t, sigmoid in ((self.scale, True), (self.add, False)) if t is not None]
+        args = [_native_transform_args(t, context) for t, _ in transforms]
+        if not transforms or any(a is None for a in args):
             return None
         if not context.is_contiguous():
             context = context.contiguous()
         values: dict[bool, Tensor] = {}
         states = []
-        for sigmoid, args in zip((True, False), plan):
-            if args is None:
-                continue
+        for (_, sigmoid), (w1, b1, ln_w, ln_b, eps, relu, w2, b2) in zip(transforms, args):
             # The kernel reads the parameters' memory and records no graph: no detach needed.
-            out, hidden, stats = _native.transform_forward(context, *args, sigmoid)
+            out, hidden, stats = _native.transform_forward(
+                context, w1, b1, ln_w, ln_b, eps, relu, w2, b2, sigmoid
+            )
             values[sigmoid] = out
-            states.append(_NativeState(args[2] is not None, args[5], sigmoid, out, hidden, stats))
+            states.append(_NativeState(ln_w is not None, relu, sigmoid, out, hidden, stats))
         return values.get(True), values.get(False), states
 
     @staticmethod
@@ -435,11 +413,15 @@ class ContextTransforms:
     ) -> tuple[Tensor, list[Tensor]]:
         """grad_context and the gradients of `params` (the transforms' parameters in module order) of
         what `native` computed, from the gradients of the gate and the add term."""
-        grad_context, grads = None, []
-        for state, (w1, b1, ln_w, ln_b, _, relu, w2, b2) in zip(states, _transform_args(states, params)):
+        grad_context, grads, index = None, [], 0
+        for state in states:
+            count = 6 if state.norm else 4
+            w1, b1, *rest = params[index:index + count]
+            ln_w, ln_b, w2, b2 = rest if state.norm else (None, None, *rest)
+            index += count
             grad = (grad_gate if state.sigmoid else grad_add).to(context.dtype).contiguous()
             g_context, g_w1, g_b1, g_ln_w, g_ln_b, g_w2, g_b2 = _native.transform_backward(
-                grad, state.out, state.sigmoid, context, w1, b1, ln_w, ln_b, relu, w2, b2, state.hidden,
+                grad, state.out, state.sigmoid, context, w1, b1, ln_w, ln_b, state.relu, w2, b2, state.hidden,
                 state.stats,
             )
             grads += [g_w1, g_b1, g_ln_w, g_ln_b, g_w2, g_b2] if state.norm else [g_w1, g_b1, g_w2, g_b2]
@@ -447,56 +429,10 @@ class ContextTransforms:
         return grad_context, grads
 
 
-def _transform_args(states: list[_NativeState], params: list[Tensor]) -> list[tuple]:
-    """Each state's transform as the kernels take it (w1, b1, ln_w, ln_b, eps, relu, w2, b2), from
-    `params`, the transforms' parameters in module order (eps is unused by the backward)."""
-    args, index = [], 0
-    for state in states:
-        count = 6 if state.norm else 4
-        w1, b1, *rest = params[index:index + count]
-        ln_w, ln_b, w2, b2 = rest if state.norm else (None, None, *rest)
-        index += count
-        args.append((w1, b1, ln_w, ln_b, 0.0, state.relu, w2, b2))
-    return args
-
-
-def native_block_forward(
-    x: Tensor, key_weight: Tensor | None, key_bias: Tensor | None, transforms: ContextTransforms,
-    residual: Tensor | None,
-) -> tuple[list[Tensor], tuple[tuple | None, tuple | None]] | None:
-    """A whole context block through one kernel call: `_native.block_forward`'s results (out (B, C, N)
-    first) and the transforms' arguments, or None where the kernels do not apply. One call rather
-    than one per part, with the fewest Python steps: each step finds its code and data evicted by
-    the pass over x before it (`benchmarks.gc_breakdown`, "caches evicted"). Builds no graph."""
-    positions = x.flatten(2)  # (B, C, N)
-    if not _use_native(positions):
-        return None
-    if residual is not None:
-        if type(residual) is not Tensor or residual.shape != x.shape:
-            return None
-        residual = residual.flatten(2)
-        if not _same_layout(positions, residual):
-            return None
-    plan = transforms.native_args(positions)
-    if plan is None:
-        return None
-    if key_weight is not None:
-        key_weight = _dense(key_weight)
-    P = positions_per_block(positions, pooling=True)
-    return _native.block_forward(positions, key_weight, key_bias, P, plan[0], plan[1], residual), plan
-
-
-def _native_states(results: list[Tensor], plan: tuple[tuple | None, tuple | None]) -> list[_NativeState]:
-    """What the backward takes of each transform from `block_forward`'s results."""
-    return [
-        _NativeState(args[2] is not None, args[5], k == 0, *results[3 + 3 * k:6 + 3 * k])
-        for k, args in enumerate(plan) if args is not None
-    ]
-
-
 def _global_module_hooks() -> bool:
     """True while nn.Module's global forward hooks are registered (they would see no module calls)."""
-    return bool(_modules._global_forward_hooks or _modules._global_forward_pre_hooks)
+    module = torch.nn.modules.module
+    return any(getattr(module, name, None) for name in ("_global_forward_hooks", "_global_forward_pre_hooks"))
 
 
 class ContextFusion(torch.autograd.Function):
@@ -522,14 +458,6 @@ class ContextFusion(torch.autograd.Function):
         residual: Tensor | None,
         *params: Tensor,
     ) -> Tensor:
-        block = native_block_forward(x, key_weight, key_bias, transforms, residual)
-        if block is not None:
-            results, plan = block
-            out, weights, context, gate, add = results[0].view(x.shape), *results[1:4], results[6]
-            ctx.native, ctx.graph = _native_states(results, plan), (None, gate, add)
-            relu_out = None if residual is None else out
-            ctx.save_for_backward(x, key_weight, weights, context, gate, relu_out, *params)
-            return out
         positions = x.flatten(2)  # (B, C, N)
         if key_weight is None:
             weights, context = None, positions.mean(dim=-1)  # (B, C)
@@ -566,20 +494,6 @@ class ContextFusion(torch.autograd.Function):
         positions = x.flatten(2)  # (B, C, N)
         grad = grad_out.flatten(2)  # (B, C, N)
         native = _use_native(positions) and _same_layout(positions, grad)
-        if native and ctx.native is not None and needs[0]:  # every part through the kernels, in one call
-            plan: list[tuple | None] = [None, None]
-            states: list[tuple | None] = [None, None]
-            for state, args in zip(ctx.native, _transform_args(ctx.native, params)):
-                k = 0 if state.sigmoid else 1  # the scale's, then the add's
-                plan[k], states[k] = args, (state.out, state.hidden, state.stats)
-            key = (None, None) if key_weight is None else (_dense(key_weight), weights)
-            grad_x, grad_key_weight, grad_key_bias, *grad_params = _native.block_backward(
-                positions, grad, *key, context, positions_per_block(positions), plan[0], states[0], plan[1],
-                states[1],
-            )
-            grad_params = [g if need else None for g, need in zip(grad_params, needs[5:])]
-            return (grad_x.view(x.shape), grad_key_weight if needs[1] else None,
-                    grad_key_bias if needs[2] else None, None, grad_residual, *grad_params)
 
         # The fusion's gradients: add receives sum_j g_j, the gate sum_j g_j x_j.
         outputs, grad_outputs = [], []

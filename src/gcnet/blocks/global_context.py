@@ -29,7 +29,6 @@ from gcnet.blocks._fused import (
     attention_pool,
     fuse,
     fused_enabled,
-    native_block_forward,
     residual_relu,
 )
 
@@ -221,21 +220,16 @@ class GlobalContext(nn.Module):
 
     def _forward(self, x: Tensor, residual: Tensor | None) -> Tensor:
         check_input(type(self).__name__, x, self.channels, SPATIAL_RANKS)
-        if x.device.type == "cpu":
+        if x.device.type == "cpu" and torch.is_grad_enabled():
             key = (None, None) if self.key is None else (self.key.weight, self.key.bias)
-            transforms = ContextTransforms(self.scale_transform, self.add_transform)
-            if torch.is_grad_enabled():
-                modules = [t for t in (self.scale_transform, self.add_transform) if t is not None]
-                params = [p for t in modules for p in t.parameters()]
-                extra = () if residual is None else (residual,)
-                if fused_enabled(x, *key, *extra, *params):
-                    # The whole block as one autograd function: backward in two passes over x. On CUDA the
-                    # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "CUDA").
-                    return ContextFusion.apply(x, *key, transforms, residual, *params)
-            # No graph wanted (else the fused path ran, or tracing needs the ops below): one kernel call.
-            block = native_block_forward(x, *key, transforms, residual)
-            if block is not None:
-                return block[0][0].view(x.shape)
+            modules = [t for t in (self.scale_transform, self.add_transform) if t is not None]
+            params = [p for t in modules for p in t.parameters()]
+            extra = () if residual is None else (residual,)
+            if fused_enabled(x, *key, *extra, *params):
+                # The whole block as one autograd function: backward in two passes over x. On CUDA the
+                # composite ops measured faster and smaller (fewer launches; docs/benchmarks.md, "CUDA").
+                transforms = ContextTransforms(self.scale_transform, self.add_transform)
+                return ContextFusion.apply(x, *key, transforms, residual, *params)
         terms = self._transforms(self._pool(x.flatten(2)))
         return fuse(x, *terms) if residual is None else residual_relu(x, residual, *terms)
 

@@ -25,7 +25,6 @@
 #include <cstring>
 #include <limits>
 #include <optional>
-#include <tuple>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
@@ -1005,94 +1004,6 @@ std::vector<torch::Tensor> transform_backward(const torch::Tensor& grad, const t
   return {grad_context, gw1, gb1, gln_w, gln_b, gw2, gb2};
 }
 
-// A transform as transform_forward takes it: w1, b1, ln_w, ln_b, eps, relu, w2, b2; and what its
-// forward keeps for the backward: out, hidden, stats.
-using Transform = std::tuple<torch::Tensor, torch::Tensor, std::optional<torch::Tensor>, std::optional<torch::Tensor>,
-                             double, bool, torch::Tensor, torch::Tensor>;
-using TransformState = std::tuple<torch::Tensor, torch::Tensor, torch::Tensor>;
-
-// A whole context block in one call (each part checks its inputs): attention pooling with a key,
-// else average pooling; the transforms of the context (scale through a sigmoid, add); the fusion
-// x * gate + add, ReLU(that + residual) with a residual. Returns out, alpha (undefined for average
-// pooling), context, then out, hidden and stats of the scale and of the add transform (undefined
-// where not given).
-std::vector<torch::Tensor> block_forward(const torch::Tensor& x, const std::optional<torch::Tensor>& key_weight,
-                                         const std::optional<torch::Tensor>& key_bias, int64_t positions_per_block,
-                                         const std::optional<Transform>& scale, const std::optional<Transform>& add,
-                                         const std::optional<torch::Tensor>& residual) {
-  check_x(x);
-  TORCH_CHECK(key_weight.has_value() == key_bias.has_value(), kName, ": expected a key weight and bias, or neither");
-  TORCH_CHECK(scale || add, kName, ": expected a scale or an add transform");
-  std::vector<torch::Tensor> results(9);
-  if (key_weight) {
-    auto pooled = attention_pool(x, *key_weight, *key_bias, positions_per_block);
-    results[1] = pooled[0];
-    results[2] = pooled[1];
-  } else {
-    results[2] = x.mean(-1).contiguous();
-  }
-  const int64_t B = x.size(0), C = x.size(1);
-  torch::Tensor terms[2];
-  for (int k = 0; k < 2; ++k) {
-    const auto& transform = k == 0 ? scale : add;
-    if (!transform) continue;
-    const auto& [w1, b1, ln_w, ln_b, eps, relu, w2, b2] = *transform;
-    auto state = transform_forward(results[2], w1, b1, ln_w, ln_b, eps, relu, w2, b2, k == 0);
-    TORCH_CHECK(state[0].size(1) == C, kName, ": expected a transform to ", C, " channels, got ", state[0].size(1));
-    terms[k] = state[0];
-    std::copy(state.begin(), state.end(), results.begin() + 3 + 3 * k);
-  }
-  results[0] = scale_shift(x, terms[0].defined() ? terms[0] : torch::ones({B, C}, x.options()),
-                           terms[1].defined() ? terms[1] : torch::zeros({B, C}, x.options()), residual);
-  return results;
-}
-
-// The gradients of block_forward from grad_out (where a residual was fused, already masked by the
-// ReLU): grad_x, grad_key_weight and grad_key_bias (undefined for average pooling), then the
-// gradients of the scale transform's parameters (w1, b1, [ln_w, ln_b,] w2, b2) and the add's.
-std::vector<torch::Tensor> block_backward(const torch::Tensor& x, const torch::Tensor& grad_out,
-                                          const std::optional<torch::Tensor>& key_weight,
-                                          const std::optional<torch::Tensor>& alpha, const torch::Tensor& context,
-                                          int64_t positions_per_block, const std::optional<Transform>& scale,
-                                          const std::optional<TransformState>& scale_state,
-                                          const std::optional<Transform>& add,
-                                          const std::optional<TransformState>& add_state) {
-  check_pair(x, grad_out);
-  TORCH_CHECK(key_weight.has_value() == alpha.has_value(), kName, ": expected alpha with a key weight");
-  TORCH_CHECK(scale.has_value() == scale_state.has_value() && add.has_value() == add_state.has_value(), kName,
-              ": expected the state of each transform given");
-  std::vector<torch::Tensor> sums;
-  if (scale)
-    sums = fusion_sums(x, grad_out);
-  else
-    sums = {grad_out.sum(-1).contiguous()};
-  torch::Tensor grad_context, gate;
-  std::vector<torch::Tensor> results(3);
-  for (int k = 0; k < 2; ++k) {
-    const auto& transform = k == 0 ? scale : add;
-    if (!transform) continue;
-    const auto& [w1, b1, ln_w, ln_b, eps, relu, w2, b2] = *transform;
-    const auto& [out, hidden, stats] = k == 0 ? *scale_state : *add_state;
-    auto grads = transform_backward(k == 0 ? sums[1] : sums[0], out, k == 0, context, w1, b1, ln_w, ln_b, relu, w2,
-                                    b2, hidden, stats);
-    grad_context = grad_context.defined() ? grad_context + grads[0] : grads[0];
-    for (size_t i = 1; i < grads.size(); ++i)
-      if (grads[i].defined()) results.push_back(grads[i]);
-    if (k == 0) gate = out;
-  }
-  if (key_weight) {
-    auto pooled = attention_pool_backward(x, grad_out, *key_weight, *alpha, context, grad_context,
-                                          gate.defined() ? std::optional<torch::Tensor>(gate) : std::nullopt,
-                                          positions_per_block);
-    std::copy(pooled.begin(), pooled.end(), results.begin());
-  } else {
-    const int64_t B = x.size(0), C = x.size(1);
-    results[0] = scale_shift(grad_out, gate.defined() ? gate : torch::ones({B, C}, x.options()),
-                             grad_context / x.size(2), std::nullopt);
-  }
-  return results;
-}
-
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "gcnet CPU kernels: attention pooling and fusion gradients of the global context blocks";
   m.def("attention_pool", &attention_pool, "alpha (B, 1, N), context (B, C) from x (B, C, N)", py::arg("x"),
@@ -1114,15 +1025,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "whether the transforms' products take 64-byte (AVX-512) tiles; `enable` sets it (for tests)",
       py::arg("enable") = py::none());
-  m.def("block_forward", &block_forward,
-        "out, alpha, context and each transform's out, hidden and stats: a context block's forward in one call",
-        py::arg("x"), py::arg("key_weight"), py::arg("key_bias"), py::arg("positions_per_block"), py::arg("scale"),
-        py::arg("add"), py::arg("residual"));
-  m.def("block_backward", &block_backward,
-        "grad_x, grad_key_weight, grad_key_bias and each transform's parameter gradients, in one call",
-        py::arg("x"), py::arg("grad_out"), py::arg("key_weight"), py::arg("alpha"), py::arg("context"),
-        py::arg("positions_per_block"), py::arg("scale"), py::arg("scale_state"), py::arg("add"),
-        py::arg("add_state"));
   m.def("transform_forward", &transform_forward,
         "out (B, Co) = W2 act(W1 context + b1) + b2 [sigmoid], act = [LayerNorm] [ReLU]; with hidden and norm stats",
         py::arg("context"), py::arg("w1"), py::arg("b1"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"),
