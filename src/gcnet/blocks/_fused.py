@@ -146,8 +146,10 @@ def _cache_bytes() -> tuple[int, int]:
     return cache_sizes().get("L2", 2**20), last_level_cache_bytes() or 32 * 2**20
 
 
-# Shortest row segment worth cutting NCHW rows to (16 cache lines): on Zen 5, forward blocks with
-# rows of 1.5-1.75 KiB beat whole samples by 4-19%; rows of 484-784 bytes lost (docs/benchmarks.md).
+# Shortest row segment the pooling forward cuts NCHW rows to (16 cache lines). On Zen 5 its 56x56
+# forward took 1.03-1.07x one pass over x cold, 1.07-1.16x warm on blocks of 448 positions (1792-byte
+# rows), 1.13-1.17x / 1.28-1.38x on whole samples; with shorter rows the gain depended on the shape
+# and the cache mode (`benchmarks.pool_blocks`, docs/benchmarks.md).
 _MIN_ROW_BYTES = 1024
 
 
