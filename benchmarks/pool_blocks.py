@@ -39,7 +39,7 @@ ONE_PASS = "one pass"
 
 def candidates(positions: torch.Tensor) -> dict[int, str]:
     """Positions per block to time, each with what it is: the rule's choices and L2 fractions."""
-    B, C, N = positions.shape
+    _, C, N = positions.shape
     l2, _ = _fused._cache_bytes()
     row = C * positions.element_size()
     found: dict[int, list[str]] = {}
