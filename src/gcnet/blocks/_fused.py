@@ -498,30 +498,25 @@ class ContextFusion(torch.autograd.Function):
         native = _use_native(positions) and _same_layout(positions, grad)
 
         # The fusion's gradients: add receives sum_j g_j, the gate sum_j g_j x_j.
-        outputs, grad_outputs = [], []
-        if gate is not None:
-            if native:
-                sums, products = _native.fusion_sums(positions, grad)  # (B, C) each
-            else:
-                sums, products = grad.sum(dim=-1), (grad * positions).sum(dim=-1)
-            outputs.append(gate_graph)
-            grad_outputs.append(products.to(gate_graph.dtype))
-        else:
+        products = None
+        if gate is None:
             sums = grad.sum(dim=-1)  # (B, C)
-        if add_graph is not None:
-            outputs.append(add_graph)
-            grad_outputs.append(sums.to(add_graph.dtype))
+        elif native:
+            sums, products = _native.fusion_sums(positions, grad)  # (B, C) each
+        else:
+            sums, products = grad.sum(dim=-1), (grad * positions).sum(dim=-1)
+        grad_add = None if add_graph is None else sums
         if ctx.native is not None:
-            grad_gate = None if gate is None else products
-            grad_add = None if add_graph is None else sums
             grad_context, grad_params = ContextTransforms.native_backward(
-                ctx.native, context, params, grad_gate, grad_add
+                ctx.native, context, params, products, grad_add
             )
             grad_params = [g if need else None for g, need in zip(grad_params, needs[5:])]
         else:
+            pairs = [(t, g) for t, g in ((gate_graph, products), (add_graph, grad_add)) if t is not None]
             wanted = [p for p, need in zip(params, needs[5:]) if need]
             # retain_graph: the outer graph may be run again (retain_graph=True, gradcheck); the small
             # transform graph is freed with this node.
+            outputs, grad_outputs = [t for t, _ in pairs], [g.to(t.dtype) for t, g in pairs]
             grads = torch.autograd.grad(outputs, [leaf, *wanted], grad_outputs, retain_graph=True,
                                         allow_unused=True)
             found = iter(grads[1:])
