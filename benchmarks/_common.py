@@ -133,14 +133,18 @@ def interleaved(
     rounds: int,
     warmup: int = 2,
     before_each: Callable[[], None] | None = None,
+    setups: dict[str, Callable[[], object]] | None = None,
 ) -> dict[str, Timing]:
     """Run every case once per round, in turn; return the timings of the rounds after `warmup`.
 
-    `before_each` runs, untimed, before every call (e.g. a `CacheEviction`).
+    `before_each` runs, untimed, before every call (e.g. a `CacheEviction`); a case's entry in
+    `setups` runs, untimed, before that (e.g. setting train or eval mode: not the case's cost).
     """
     timings = {name: Timing() for name in cases}
     for round_index in range(warmup + rounds):
         for name, run in cases.items():
+            if setups and name in setups:
+                setups[name]()
             if before_each is not None:
                 before_each()
             start = time.perf_counter()

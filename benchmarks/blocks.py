@@ -232,21 +232,29 @@ def nl_cases(shape: Shape) -> dict[str, nn.Module]:
 
 @dataclass
 class Case:
-    """One module on one input, runnable as forward (no_grad, eval) or forward+backward (train)."""
+    """One module on one input, runnable as forward (no_grad, eval) or forward+backward (train).
+
+    Each run needs its `prepare_` call first, untimed: a network sets the mode and clears the
+    gradients once per step, not once per block.
+    """
 
     module: nn.Module
     x: Tensor
     grad: Tensor
 
-    def forward(self) -> Tensor:
+    def prepare_forward(self) -> None:
         self.module.eval()
+
+    def forward(self) -> Tensor:
         with torch.no_grad():
             return self.module(self.x)
 
-    def forward_backward(self) -> None:
+    def prepare_forward_backward(self) -> None:
         self.module.train()
         self.x.grad = None
         self.module.zero_grad(set_to_none=True)
+
+    def forward_backward(self) -> None:
         # The backward of an InContext case runs in its context too (e.g. without the CPU kernels).
         with self.module.make_context() if isinstance(self.module, InContext) else contextlib.nullcontext():
             self.module(self.x).backward(self.grad)
@@ -284,6 +292,7 @@ def run_memory_case(spec: str, threads: int) -> None:
     x, grad = make_inputs(shape)
     case = Case(build(suite, shape)[name], x, grad)
     run = case.forward if mode == "fwd" else case.forward_backward
+    (case.prepare_forward if mode == "fwd" else case.prepare_forward_backward)()
     print(json.dumps({"peak_mib": peak_growth_mib(run)}))
 
 
@@ -295,7 +304,9 @@ def time_cases(
     and each round's seconds, so that a ratio can be taken within each round (`paired`)."""
     runs = {f"{n}:fwd": wrap(c.forward) for n, c in cases.items()}
     runs |= {f"{n}:fb": wrap(c.forward_backward) for n, c in cases.items()}
-    timings = interleaved(runs, rounds, warmup, before_each)
+    setups = {f"{n}:fwd": c.prepare_forward for n, c in cases.items()}
+    setups |= {f"{n}:fb": c.prepare_forward_backward for n, c in cases.items()}
+    timings = interleaved(runs, rounds, warmup, before_each, setups)
     return [
         {"case": n, "fwd_ms": timings[f"{n}:fwd"].median_ms, "fb_ms": timings[f"{n}:fb"].median_ms,
          "fwd_s": timings[f"{n}:fwd"].seconds, "fb_s": timings[f"{n}:fb"].seconds}

@@ -40,7 +40,9 @@ def bench_shape(suite: str, shape: Shape, rounds: int, flush: L2Flush) -> dict:
     agreement = check_agreement(modules, x.detach())
     rows = time_cases(cases, rounds, 2, flush, wrap=cuda_synchronized)
     for row, case in zip(rows, cases.values()):
+        case.prepare_forward()
         row["peak_fwd_mib"] = cuda_peak_growth_mib(case.forward)
+        case.prepare_forward_backward()
         row["peak_fb_mib"] = cuda_peak_growth_mib(case.forward_backward)
     return {"suite": suite, "shape": shape_name(shape), "load_before": "-", "load_after": "-",
             "max_abs_diff": agreement, "x_mib": x.numel() * x.element_size() / 2**20, "rows": rows}

@@ -107,6 +107,10 @@ def test_cache_eviction_runs_before_every_timed_call() -> None:
     assert order == ["evict", "a", "evict", "b"] * 3
     assert len(timings["a"].seconds) == 2
     assert _common.CacheEviction(0).buffer is None
+    order.clear()
+    _common.interleaved({"a": lambda: order.append("a"), "b": lambda: order.append("b")}, 1, 0, before_each,
+                        setups={"b": lambda: order.append("setup b")})
+    assert order == ["evict", "a", "setup b", "evict", "b"]  # the setup before the eviction, untimed
 
 
 def test_block_ratios_are_taken_within_each_round() -> None:
@@ -122,9 +126,12 @@ def test_block_ratios_are_taken_within_each_round() -> None:
     def wrap(run):  # as cuda_blocks wraps each call with a device synchronisation
         return lambda: (calls.append(run.__name__), run())
 
+    modes = []
+    case.module.register_forward_hook(lambda module, args, out: modes.append(module.training))
     rows = blocks.time_cases({"a": case}, 3, 1, wrap=wrap)
     assert len(rows[0]["fwd_s"]) == len(rows[0]["fb_s"]) == 3
     assert calls == ["forward", "forward_backward"] * 4  # forward and backward alternate in every round
+    assert modes == [False, True] * 4  # each in its mode, set untimed before the call
 
 
 def test_eviction_buffer_outgrows_the_last_level_cache() -> None:
