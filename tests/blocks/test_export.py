@@ -76,3 +76,19 @@ def test_double_backward_runs_on_the_composite_path(name: str) -> None:
     with pytest.raises(RuntimeError, match="once_differentiable|differentiate twice"):
         (grad,) = torch.autograd.grad(block(x).square().sum(), x, create_graph=True)
         grad.square().sum().backward()
+
+
+@pytest.mark.parametrize("flag", ["exporter", "dynamo"])
+def test_an_onnx_export_in_progress_turns_the_fast_paths_off(flag: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The blocks read the exporters' flags directly (torch.onnx.is_in_onnx_export imports on every call)."""
+    from gcnet.blocks import _fused
+
+    flags = _fused._onnx_export_flags()
+    assert flags is not None  # this torch keeps them where _fused looks: else it calls the public function
+    exporter, dynamo = flags
+    assert _fused._eager() and not torch.onnx.is_in_onnx_export()
+    if flag == "exporter":
+        monkeypatch.setattr(exporter, "in_onnx_export", True)
+    else:
+        monkeypatch.setattr(dynamo, "_is_onnx_exporting", True)
+    assert torch.onnx.is_in_onnx_export() and _fused._in_onnx_export() and not _fused._eager()

@@ -133,7 +133,7 @@ def test_every_block_size_computes_the_same(channels_last: bool, gate: bool) -> 
     grad_context = torch.randn(B, C, dtype=torch.float64)
     scale = torch.rand(B, C, dtype=torch.float64) if gate else None
     results = []
-    for block in (1, 5, 16, N, 1000):
+    for block in (1, 5, 7, 16, N, 1000):
         alpha, context = _fused._native.attention_pool(x, weight, bias, block)
         grads = _fused._native.attention_pool_backward(
             x, grad_out, weight, alpha, context, grad_context, scale, block)
@@ -148,7 +148,7 @@ def test_every_block_size_computes_the_same(channels_last: bool, gate: bool) -> 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
-@pytest.mark.parametrize("C, N", [(8, 16), (13, 7), (19, 49), (67, 9), (3, 2)])
+@pytest.mark.parametrize("C, N", [(8, 16), (13, 7), (19, 49), (67, 9), (3, 2), (13, 14), (9, 12), (11, 23)])
 def test_kernels_match_autograd_for_any_row_and_lane_remainder(C: int, N: int, channels_last: bool,
                                                                 dtype: torch.dtype) -> None:
     """Channel rows go in groups of one vector's lanes (8 floats, 4 doubles): every remainder counts."""

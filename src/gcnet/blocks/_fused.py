@@ -69,9 +69,30 @@ def composite_requested() -> bool:
 
 
 def _eager() -> bool:
-    if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch.jit.is_tracing():
+    if not _ENABLED or torch.compiler.is_compiling() or torch.jit.is_scripting() or torch._C._is_tracing():
         return False
-    return not (torch.onnx.is_in_onnx_export() or torch._C._are_functorch_transforms_active())
+    return not (torch._C._are_functorch_transforms_active() or _in_onnx_export())
+
+
+@functools.cache
+def _onnx_export_flags() -> tuple[object, object] | None:
+    """The two flags torch.onnx.is_in_onnx_export reads, or None where this torch keeps them elsewhere."""
+    try:
+        from torch.onnx._internal.exporter import _flags
+        from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
+    except ImportError:
+        return None
+    return GLOBALS, _flags
+
+
+def _in_onnx_export() -> bool:
+    """torch.onnx.is_in_onnx_export() without the two imports it runs on every call: with the caches
+    evicted, as a block finds them after the pass over x, they cost ~20 us per call."""
+    flags = _onnx_export_flags()
+    if flags is None:
+        return torch.onnx.is_in_onnx_export()
+    exporter, dynamo = flags
+    return bool(exporter.in_onnx_export or dynamo._is_onnx_exporting)
 
 
 def fused_enabled(*tensors: Tensor | None) -> bool:
