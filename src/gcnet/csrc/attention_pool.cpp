@@ -24,6 +24,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <numeric>
 #include <optional>
 #include <vector>
 
@@ -842,27 +843,39 @@ std::vector<torch::Tensor> attention_pool_backward(const torch::Tensor& x, const
   if (gate) check_vectors("gate", x, {*gate});
   auto grad_x = channels_last ? torch::empty({B, N, C}, x.options()).transpose(1, 2)
                               : torch::empty({B, C, N}, x.options());
-  auto grad_w = torch::empty({B, C}, x.options());
-  auto grad_logits = torch::empty({B, N}, x.options());
-  auto mean_terms = (grad_context * context).sum(1);  // (B,)
+  auto grad_weight = torch::empty({1, C}, x.options());
+  auto grad_bias = torch::empty({1}, x.options());
+  // Per-sample partial sums, added up here rather than by dispatched ops (each costs tens of us with
+  // cold caches, as the backward finds them): grad_w (B, C) and the sums of grad_logits (B).
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "attention_pool_backward", [&] {
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
     const scalar_t* wp = weight.const_data_ptr<scalar_t>();
     const scalar_t* sp = gate ? gate->const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* ap = alpha.const_data_ptr<scalar_t>();
+    const scalar_t* cp = context.const_data_ptr<scalar_t>();
     const scalar_t* dcp = grad_context.const_data_ptr<scalar_t>();
-    const scalar_t* mp = mean_terms.const_data_ptr<scalar_t>();
     scalar_t* gxp = grad_x.data_ptr<scalar_t>();
-    scalar_t* gwp = grad_w.data_ptr<scalar_t>();
-    scalar_t* dlp = grad_logits.data_ptr<scalar_t>();
+    std::vector<scalar_t> grad_w(B * C);
+    std::vector<double> logit_sums(B);
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i)
+      std::vector<scalar_t> grad_logits(N);
+      for (int64_t i = begin; i < end; ++i) {
+        double mean_term = 0;  // grad_context . context
+        for (int64_t c = 0; c < C; ++c) mean_term += double(dcp[i * C + c]) * cp[i * C + c];
         backward_sample(channels_last, xp + i * C * N, gp + i * C * N, C, N, P, wp, sp ? sp + i * C : nullptr,
-                        ap + i * N, dcp + i * C, mp[i], gxp + i * C * N, gwp + i * C, dlp + i * N);
+                        ap + i * N, dcp + i * C, scalar_t(mean_term), gxp + i * C * N, grad_w.data() + i * C,
+                        grad_logits.data());
+        logit_sums[i] = std::accumulate(grad_logits.begin(), grad_logits.end(), 0.0);
+      }
     });
+    scalar_t* gwp = grad_weight.data_ptr<scalar_t>();
+    std::copy(grad_w.begin(), grad_w.begin() + C, gwp);
+    for (int64_t i = 1; i < B; ++i)
+      for (int64_t c = 0; c < C; ++c) gwp[c] += grad_w[i * C + c];
+    grad_bias.data_ptr<scalar_t>()[0] = scalar_t(std::accumulate(logit_sums.begin(), logit_sums.end(), 0.0));
   });
-  return {grad_x, grad_w.sum(0, true), grad_logits.sum().reshape({1})};
+  return {grad_x, grad_weight, grad_bias};
 }
 
 // sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C): what a fusion's add and gate receive.
