@@ -14,8 +14,9 @@ docs/benchmarks.md divides by). Then the transforms' forward (as the block runs 
 gradients) right after a pass over x and back to back (small ops pay for the pass), one pass
 x + grad_out (what the pooling backward must at least take), and the block on 2 positions per
 side, where x costs nothing: what does not scale with x, after a pass over x and with all caches
-evicted (the benchmarks' default). Rows timed back to back are means; rows timed after a pass or
-an eviction are medians.
+evicted (the benchmarks' default). Last, the step's kernels and ops called directly in order,
+without autograd or the blocks' Python: the bound of this design, as a ratio to the floor's forward.
+Rows timed back to back are means; rows timed after a pass or an eviction are medians.
 """
 
 from __future__ import annotations
@@ -29,7 +30,14 @@ from collections.abc import Callable
 
 import torch
 
-from benchmarks._common import CacheEviction, add_allocator_option, markdown_table, start_run
+from benchmarks._common import (
+    CacheEviction,
+    add_allocator_option,
+    interleaved,
+    markdown_table,
+    paired_ratios,
+    start_run,
+)
 from benchmarks.blocks import randomize_, shape_name
 from gcnet.blocks import GlobalContext, _fused
 
@@ -121,7 +129,41 @@ def breakdown(shape: tuple[int, ...], steps: int) -> list[list[object]]:
     rows.append(["x + grad_out, one pass (the pooling backward's memory floor)", "", f"{one_pass:.2f}"])
     few = (*shape[:2], *(2,) * (len(shape) - 2))
     rows += [[name, "", f"{ms:.2f}"] for name, ms in fixed_cost(block, few, x.detach(), steps).items()]
+    rows += direct_sequence(native, calls, x.detach(), grad, steps)
     return rows
+
+
+def direct_sequence(native: object, calls: dict[str, tuple], x: torch.Tensor, grad: torch.Tensor,
+                    steps: int) -> list[list[object]]:
+    """The step's kernels (with the arguments the block passed them) and its two torch ops, called
+    directly in the block's order: no autograd, Python checks or gradient accumulation. Timed
+    with the floor's forward in the same rounds, caches evicted, as a ratio within each round: what
+    this design costs with no framework at all (the fwd+bwd target's bound)."""
+    if "transform_forward" not in calls:
+        return []
+    B, C = x.shape[:2]
+    spatial = tuple(range(2, x.dim()))
+    add = calls["transform_forward"][0].new_zeros(B, C)
+
+    def sequence() -> None:
+        with torch.no_grad():
+            for name in ("attention_pool", "transform_forward"):
+                getattr(native, name)(*calls[name])
+            x + add.view(B, C, *(1,) * len(spatial))
+            grad.sum(dim=spatial)
+            for name in ("transform_backward", "attention_pool_backward"):
+                getattr(native, name)(*calls[name])
+
+    def floor() -> None:
+        with torch.no_grad():
+            x + x.sum(dim=spatial, keepdim=True)
+
+    timings = interleaved({"floor": floor, "direct": sequence}, steps, 3,
+                          CacheEviction(CacheEviction.mib_for_this_machine()))
+    ratios = paired_ratios(timings["direct"], timings["floor"])
+    return [["the step's kernels and ops called directly in order, caches evicted", "",
+             f"{timings['direct'].median_ms:.2f}"],
+            ["  the same / floor forward (within rounds)", "", f"{statistics.median(ratios):.2f}x"]]
 
 
 def median_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: int) -> float:

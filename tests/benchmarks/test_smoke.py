@@ -196,6 +196,8 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
     assert float(rows[fixed]) > 0
     assert float(rows["block fwd (eval) at 4x32x2x2, caches evicted"]) > 0
     assert float(rows["block fwd+bwd at 4x32x2x2, caches evicted"]) > 0
+    assert float(rows["the step's kernels and ops called directly in order, caches evicted"]) > 0
+    assert float(rows["  the same / floor forward (within rounds)"].rstrip("x")) > 0
     assert _fused._native is not None and not isinstance(_fused._native, gc_breakdown._Timed)
 
 
