@@ -139,7 +139,8 @@ def direct_sequence(native: object, calls: dict[str, tuple], x: torch.Tensor, gr
     directly in the block's order: no autograd, Python checks or gradient accumulation. Timed
     with the floor's forward in the same rounds, caches evicted, as a ratio within each round: what
     this design costs with no framework at all (the fwd+bwd target's bound)."""
-    if "transform_forward" not in calls:
+    kernels = ("attention_pool", "transform_forward", "transform_backward", "attention_pool_backward")
+    if not all(name in calls for name in kernels):  # e.g. a batch under the thread count: no kernels
         return []
     B, C = x.shape[:2]
     spatial = tuple(range(2, x.dim()))

@@ -82,6 +82,8 @@ def _onnx_export_flags() -> tuple[object, object] | None:
         from torch.onnx._internal.torchscript_exporter._globals import GLOBALS
     except ImportError:
         return None
+    if not (hasattr(GLOBALS, "in_onnx_export") and hasattr(_flags, "_is_onnx_exporting")):
+        return None
     return GLOBALS, _flags
 
 
