@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models, pool_blocks
+from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models, pool_blocks, summarize
 from gcnet.blocks import GlobalContext
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
@@ -215,3 +215,33 @@ def test_pool_block_benchmark_times_both_kernels_against_one_pass() -> None:
             assert mine[0][2] == one_pass and any(chosen in row[2] for row in mine[1:])
             assert all(float(row[4]) > 0 and float(row[6]) > 0 for row in mine)
             assert all(row[5].endswith("x") and row[7].endswith("x") for row in mine[1:])
+
+
+def _run_output(caches: str, fwd: str, speedups: str) -> str:
+    return (f"cpu: test | caches: {caches} | threads: 1\n\n#### Summary\n\n"
+            "| shape | GC fwd / floor | kernels vs PyTorch ops fwd, fwd+bwd |\n|---|---|---|\n"
+            f"| 4x8x6x6 | {fwd} (1.00-9.00) | {speedups} |\n\n"
+            "| shape | naive fwd / NL |\n|---|---|\n| 1x8x4x4 | 2.00x |\n")
+
+
+def test_summarize_gives_the_median_and_range_of_each_ratio_over_runs(tmp_path, capsys) -> None:
+    runs = tmp_path / "runs.md"
+    runs.write_text("# Runs\n\n" + "".join(
+        f"## Run {i}, cold, new\n\n" + _run_output("evicted before each call", fwd, speedups)
+        for i, (fwd, speedups) in enumerate([("1.10x", "1.50x, 2.00x"), ("1.30x", "1.70x, 1.00x"),
+                                             ("1.20x", "1.60x, 3.00x")], start=1)))
+    single = tmp_path / "one.txt"  # a file of one run: grouped by its cache mode
+    single.write_text(_run_output("warm (x read before each)", "1.40x", "1.10x, 1.20x"))
+    tables = summarize.main([str(runs), str(single), "--each"])
+    assert tables["cold, new: GC fwd / floor"] == [
+        ["4x8x6x6", "1.20x (1.10-1.30) [1.10 1.30 1.20]", "1.60x (1.50-1.70) [1.50 1.70 1.60], "
+         "2.00x (1.00-3.00) [2.00 1.00 3.00]"]]
+    assert tables["cold, new: naive fwd / NL"] == [["1x8x4x4", "2.00x (2.00-2.00) [2.00 2.00 2.00]"]]
+    assert tables["warm: GC fwd / floor"][0][1] == "1.40x (1.40-1.40) [1.40]"
+    assert "#### cold, new (3 runs)" in capsys.readouterr().out
+    empty = tmp_path / "empty.md"
+    empty.write_text("## Run 1, cold\n\nno table here\n")
+    with pytest.raises(SystemExit, match="no Summary table"):
+        summarize.main([str(empty)])
+    with pytest.raises(SystemExit, match="no such file"):
+        summarize.main([str(tmp_path / "missing.md")])
