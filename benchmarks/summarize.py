@@ -87,7 +87,9 @@ def describe(runs: list[list[float]], each: bool) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("paths", nargs="+", type=Path, help="printed output of benchmarks.blocks runs")
     parser.add_argument("--each", action="store_true", help="also list every run's value")
     args = parser.parse_args(argv)

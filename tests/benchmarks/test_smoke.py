@@ -9,7 +9,16 @@ import time
 import pytest
 import torch
 
-from benchmarks import _common, attention_blocks, blocks, gc_breakdown, models, pool_blocks, summarize
+from benchmarks import (
+    _common,
+    attention_blocks,
+    blocks,
+    compare,
+    gc_breakdown,
+    models,
+    pool_blocks,
+    summarize,
+)
 from gcnet.blocks import GlobalContext
 
 # The test processes keep glibc's default allocator: --system-allocator leaves malloc as it is.
@@ -234,8 +243,8 @@ def test_summarize_gives_the_median_and_range_of_each_ratio_over_runs(tmp_path, 
     single.write_text(_run_output("warm (x read before each)", "1.40x", "1.10x, 1.20x"))
     tables = summarize.main([str(runs), str(single), "--each"])
     assert tables["cold, new: GC fwd / floor"] == [
-        ["4x8x6x6", "1.20x (1.10-1.30) [1.10 1.30 1.20]", "1.60x (1.50-1.70) [1.50 1.70 1.60], "
-         "2.00x (1.00-3.00) [2.00 1.00 3.00]"]]
+        ["4x8x6x6", "1.20x (1.10-1.30) [1.10 1.30 1.20]",
+         "1.60x (1.50-1.70) [1.50 1.70 1.60], 2.00x (1.00-3.00) [2.00 1.00 3.00]"]]
     assert tables["cold, new: naive fwd / NL"] == [["1x8x4x4", "2.00x (2.00-2.00) [2.00 2.00 2.00]"]]
     assert tables["warm: GC fwd / floor"][0][1] == "1.40x (1.40-1.40) [1.40]"
     assert "#### cold, new (3 runs)" in capsys.readouterr().out
@@ -245,3 +254,19 @@ def test_summarize_gives_the_median_and_range_of_each_ratio_over_runs(tmp_path, 
         summarize.main([str(empty)])
     with pytest.raises(SystemExit, match="no such file"):
         summarize.main([str(tmp_path / "missing.md")])
+
+
+def test_compare_alternates_this_checkout_and_another_commit(tmp_path, capsys) -> None:
+    out = tmp_path / "runs.md"
+    tables = compare.main(["HEAD", "--out", str(out), "--runs", "2", "--modes", "cold", "--no-build", "--",
+                           "--quick", "--suite", "gc", "--no-memory", "--threads", "1", "--system-allocator"])
+    text = out.read_text()
+    headings = [line for line in text.splitlines() if line.startswith("## ")]
+    this = next(h for h in headings if "this" in h)[len("## Run 1, cold, "):]
+    assert headings == [f"## Run 1, cold, {this}", "## Run 1, cold, HEAD", f"## Run 2, cold, {this}",
+                        "## Run 2, cold, HEAD"]
+    assert "gcnet CPU kernels: not built" in text.split("## Run 1, cold, HEAD")[1].split("## Run 2")[0]
+    assert {f"cold, {this}: GC fwd / floor", "cold, HEAD: GC fwd / floor"} <= set(tables)
+    assert "(2 runs)" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="cannot check out"):
+        compare.main(["no-such-commit", "--out", str(out), "--runs", "1"])
