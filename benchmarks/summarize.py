@@ -19,6 +19,8 @@ import statistics
 import sys
 from pathlib import Path
 
+from benchmarks._common import markdown_table
+
 _RUN = re.compile(r"^Run \d+,?\s*")
 _NUMBER = re.compile(r"(\d+(?:\.\d+)?)x")
 
@@ -103,8 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
                 for shape, columns in shapes.items()]
         tables[f"{group}: {header[1]}"] = rows
         print(f"#### {group} ({runs} run{'s' * (runs != 1)})\n")
-        print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        print("\n".join("| " + " | ".join(row) + " |" for row in rows), "\n", flush=True)
+        print(markdown_table(header, rows), "\n", flush=True)
     if not tables:
         raise SystemExit("benchmarks.summarize: no Summary table of benchmarks.blocks in " +
                          ", ".join(map(str, args.paths)))
