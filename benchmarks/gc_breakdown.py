@@ -182,14 +182,7 @@ def median_ms_after_a_pass(run: Callable[[], object], x: torch.Tensor, steps: in
 def median_ms_after(run: Callable[[], object], before: Callable[[], object], steps: int) -> float:
     """Median ms of a call of `run`, each right after `before` (untimed), after 3 untimed calls (a
     median: one late call, e.g. the VM descheduled, would move a mean of these short calls)."""
-    times = []
-    for step in range(steps + 3):
-        before()
-        start = time.perf_counter()
-        run()
-        if step >= 3:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    return interleaved({"run": run}, steps, 3, before)["run"].median_ms
 
 
 def fixed_cost(
