@@ -136,6 +136,45 @@ def test_channels_last_gives_the_same_result(mode: str, subsample: bool) -> None
     torch.testing.assert_close(out, block3(x3), rtol=0, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN:UserWarning")  # mkldnn.flags
+@pytest.mark.parametrize("subsample_at", [None, "projections", "input"])
+@pytest.mark.parametrize("dims, layout", [(1, None), (2, None), (3, None), (2, torch.channels_last),
+                                          (3, torch.channels_last_3d)])
+@pytest.mark.parametrize("mode", MODES)
+def test_float32_cpu_projections_run_as_onednn_convolutions_with_the_float64_results(
+    mode: str, dims: int, layout: torch.memory_format | None, subsample_at: str | None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    options = {} if subsample_at is None else {"subsample": True, "subsample_at": subsample_at}
+    exact = build(mode, dims, **options).train()
+    block = build(mode, dims, **options).float().train()
+    block.load_state_dict(exact.state_dict())
+    x = sample(dims) if layout is None else sample(dims).contiguous(memory_format=layout)
+    conv2d, calls = torch.nn.functional.conv2d, []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # oneDNN's path: one thread keeps bmm below batch 16, as torch would
+    outputs, grads = [], []
+    try:
+        for model, inputs in ((exact, x), (block, x.float())):
+            for enabled in (True, False):  # oneDNN off: the float32 block takes the bmm form
+                inputs = inputs.detach().requires_grad_(True)
+                model.zero_grad()
+                with torch.backends.mkldnn.flags(enabled=enabled):
+                    out = model(inputs)
+                    (out * torch.linspace(-1, 1, out.numel()).view(out.shape).to(out)).sum().backward()
+                outputs.append(out.detach().double())
+                grads.append([inputs.grad.double()] + [p.grad.double() for p in model.parameters()])
+    finally:
+        torch.set_num_threads(threads)
+    assert len(calls) == (2 if mode == "gaussian" else 4)  # g [theta, phi] and W_z, float32 with oneDNN only
+    for out, grad in zip(outputs[1:], grads[1:]):
+        torch.testing.assert_close(out, outputs[0], rtol=1e-4, atol=1e-5)
+        for got, expected in zip(grad, grads[0]):
+            torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-4)
+
+
 def test_softmax_rows_sum_to_one_and_odd_sizes_pool_by_floor() -> None:
     block = build("embedded_gaussian", 2, subsample=True)
     x = torch.randn(1, 8, 5, 7, dtype=torch.float64)
