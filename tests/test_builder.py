@@ -102,6 +102,27 @@ def test_video_classifier_inflates_2d_weights_and_new_blocks_start_as_identity(
     assert inflated.shape[2] == 3 and torch.allclose(inflated.sum(dim=2), weight, atol=1e-6)
 
 
+def test_video_training_in_channels_last_3d(tmp_path: Path) -> None:
+    pytest.importorskip("av")
+    from gcnet.engine.evaluate import to_channels_last
+    from tests.data.clips import make_clip_folder
+
+    clips = make_clip_folder(tmp_path / "clips", classes=2, per_class=2)
+    config = {
+        "task": "video", "model": {"name": "c2d_resnet50", "num_classes": 2, "channels_last": True},
+        "data": {"train": str(clips), "clip_len": 4, "frame_stride": 1, "image_size": 32, "batch_size": 2},
+        "optim": {"lr": 0.01},
+        "train": {"epochs": 1, "max_steps_per_epoch": 1, "progress": False, "plot": False,
+                  "out_dir": str(tmp_path / "run")},
+    }
+    assert torch.isfinite(torch.tensor(_first_loss(config)))  # Module.to(memory_format=channels_last) raised
+    mixed = to_channels_last(torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Conv3d(4, 4, 3),
+                                                 torch.nn.Linear(4, 2)))
+    assert mixed[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert mixed[1].weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert isinstance(mixed[1].weight, torch.nn.Parameter) and mixed[2].weight.is_contiguous()
+
+
 def test_detector_fine_tunes_its_backbone_and_new_blocks_start_as_identity(
     torchvision_checkpoints: dict[str, Path], tmp_path: Path
 ) -> None:

@@ -28,6 +28,7 @@ from gcnet.data.video import VideoClipDataset, video_samples
 from gcnet.engine import distributed
 from gcnet.engine.checkpoint import Checkpoint, load_checkpoint, resolve_checkpoint, WEIGHTS
 from gcnet.engine.classification import ClassificationTask
+from gcnet.engine.evaluate import to_channels_last
 from gcnet.engine.loop import RunParts, TrainResult
 from gcnet.engine.loop import train as run_loop
 from gcnet.engine.optim import lr_factor, parameter_groups
@@ -317,8 +318,8 @@ def build_task(config: Config, context: distributed.DistContext, model: ModelArg
 def _placed(model: nn.Module, config: Config, context: distributed.DistContext) -> nn.Module:
     if config.model.sync_batchnorm and context.distributed:
         model = distributed.convert_sync_batchnorm(model, context.device)
-    memory_format = torch.channels_last if config.model.channels_last else torch.preserve_format
-    return model.to(context.device, memory_format=memory_format)
+    model = model.to(context.device)
+    return to_channels_last(model) if config.model.channels_last else model
 
 
 def build_run(config: Config, context: distributed.DistContext, model: ModelArg = None) -> RunParts:

@@ -37,6 +37,18 @@ def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     return x.to(device, non_blocking=True)
 
 
+def to_channels_last(model: nn.Module) -> nn.Module:
+    """The model's 4-d weights in channels_last and 5-d ones in channels_last_3d memory, in place: the
+    layouts of `to_device`'s batches (Module.to takes one memory format, which fails on the other rank)."""
+
+    def convert(t: Tensor) -> Tensor:
+        if t.dim() in (4, 5):
+            return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
+        return t
+
+    return model._apply(convert)
+
+
 def make_eval_loader(dataset: Dataset, batch_size: int, workers: int, context: DistContext) -> DataLoader:
     """Loader over this rank's shard of `dataset` (per-rank batch = global batch / world size)."""
     return DataLoader(
