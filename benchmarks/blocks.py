@@ -17,7 +17,7 @@ import contextlib
 import json
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 
@@ -217,10 +217,23 @@ class TimmNonLocal(nn.Module):
         return self.inner(x)
 
 
+@contextlib.contextmanager
+def onednn_disabled() -> Iterator[None]:
+    """torch.backends.mkldnn.flags(enabled=False) without its warning: NL's projections take bmm (MKL)."""
+    previous = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(False)
+    try:
+        yield
+    finally:
+        torch._C._set_mkldnn_enabled(previous)
+
+
 def nl_cases(shape: Shape) -> dict[str, nn.Module]:
     C, dims = shape[1], len(shape) - 2
     nl = randomize_(NonLocal(C, mode="embedded_gaussian", dims=dims))
     cases: dict[str, nn.Module] = {"gcnet NL (SDPA)": nl, "naive NL (N x N bmm)": NaiveNonLocal(nl)}
+    if torch.backends.mkldnn.is_available():  # the choice of gcnet.blocks.non_local._onednn, per machine
+        cases["gcnet NL, bmm projections (oneDNN off)"] = InContext(nl, onednn_disabled)
     # timm's form is 2D only, and at 128x128 one naive (N x N) form is enough to wait for.
     if timm_layers is not None and dims == 2 and math.prod(shape[2:]) < 16384:
         cases["timm NonLocalAttn (C'=C/2, no scale)"] = TimmNonLocal(C)
@@ -439,7 +452,8 @@ def format_summary(results: list[dict]) -> str:
         out.append(markdown_table(header, table))
     nl = [r for r in results if r["suite"] == "nl"]
     if nl:
-        header = ["shape", "naive fwd / NL", "naive fwd+bwd / NL", "NL peak fwd, fwd+bwd (% of naive)"]
+        header = ["shape", "naive fwd / NL", "naive fwd+bwd / NL", "NL peak fwd, fwd+bwd (% of naive)",
+                  "bmm projections / NL fwd, fwd+bwd"]
         table = []
         for result in nl:
             block, naive = _row(result, "gcnet NL"), _row(result, "naive NL")
@@ -448,8 +462,10 @@ def format_summary(results: list[dict]) -> str:
             if all(isinstance(v, (int, float)) for v in measured):
                 peaks = ", ".join(f"{block[k]:.0f} MiB ({100 * block[k] / naive[k]:.1f}%)"
                                   for k in ("peak_fwd_mib", "peak_fb_mib"))
+            bmm = "gcnet NL, bmm projections"
             table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd"),
-                          _speedup(result, "naive NL", "gcnet NL", "fb"), peaks])
+                          _speedup(result, "naive NL", "gcnet NL", "fb"), peaks,
+                          _speedup(result, bmm, "gcnet NL", "fwd") + ", " + _speedup(result, bmm, "gcnet NL", "fb")])
         out.append(markdown_table(header, table))
     return "\n\n".join(out) + "\n"
 

@@ -1,10 +1,12 @@
-"""Whole-model cost of the context blocks: ResNet-50 vs + GC r16 (c3-c5) vs + SE r16 (every block).
+"""Whole-model cost of the context blocks: ResNet-50 vs + GC r16 (c3-c5) vs + SE r16 (every block),
+or with --video Slow-only ResNet-50 vs + GC r16 (res3-res5) vs + 5 NL blocks on 8-frame clips.
 
     python -m benchmarks.models            # batch 16, 224x224: train step and inference, interleaved
     python -m benchmarks.models --batch 8 --rounds 15   # the ratios with a ~95% interval each
     python -m benchmarks.models --quick    # batch 2, 64x64: a smoke run
     python -m benchmarks.models --unfused-ends   # also with each block's end as three ops
     python -m benchmarks.models --device cuda --batch 32 --composite   # on a GPU, vs the composite path
+    python -m benchmarks.models --video --batch 2 --channels-last   # clips, channels_last_3d
 
 A train step is forward, cross-entropy, backward and an SGD (momentum) step; inference is forward
 under no_grad in eval mode. The models run in turn within every round, so load from other
@@ -55,13 +57,20 @@ from benchmarks._common import (
 )
 from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, composite_autograd
 from gcnet.blocks import fused_block_ends
+from gcnet.engine.evaluate import to_channels_last
 from gcnet.models import create_model
 
 C3_C5 = (False, True, True, True)
-MODELS: dict[str, dict] = {
-    "ResNet-50": {},
-    "ResNet-50 + GC r16 (c3-c5)": {"context": "gc", "reduction": 16, "stages": C3_C5},
-    "ResNet-50 + SE r16 (all stages)": {"context": "se", "reduction": 16, "stages": (True, True, True, True)},
+# Name -> (registered model, options); the first is the base of the ratios.
+MODELS: dict[str, tuple[str, dict]] = {
+    "ResNet-50": ("resnet50", {}),
+    "ResNet-50 + GC r16 (c3-c5)": ("resnet50", {"context": "gc", "reduction": 16, "stages": C3_C5}),
+    "ResNet-50 + SE r16 (all stages)": ("resnet50", {"context": "se", "reduction": 16, "stages": (True,) * 4}),
+}
+VIDEO_MODELS: dict[str, tuple[str, dict]] = {
+    "Slow-only R50": ("slowonly_resnet50", {}),
+    "Slow-only R50 + GC r16 (res3-res5)": ("slowonly_resnet50_gc", {}),
+    "Slow-only R50 + 5 NL": ("slowonly_resnet50_nl5", {}),
 }
 
 
@@ -154,8 +163,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 3; 2 quick)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
-        "--channels-last", action="store_true", help="models and images in channels_last memory"
+        "--channels-last", action="store_true",
+        help="models and inputs in channels_last (channels_last_3d for --video) memory",
     )
+    parser.add_argument("--video", action="store_true", help="Slow-only ResNet-50 models on clips")
+    parser.add_argument("--frames", type=int, default=8, help="frames per clip with --video (default 8)")
     parser.add_argument(
         "--unfused-ends", action="store_true",
         help="also time ResNet-50 and + GC with each block's end as three ops (context, add, ReLU)",
@@ -177,25 +189,30 @@ def main(argv: list[str] | None = None) -> dict:
     run_info = start_run(args.threads, args.system_allocator, **gpu)
     batch, size = (2, 64) if args.quick else (args.batch, args.size)
     rounds = args.rounds or (2 if args.quick else 3)
-    memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
-
-    images = torch.randn(batch, 3, size, size).contiguous(memory_format=memory_format).to(args.device)
+    specs = VIDEO_MODELS if args.video else MODELS
+    frames = (min(args.frames, 4) if args.quick else args.frames,) if args.video else ()
+    images = torch.randn(batch, 3, *frames, size, size)
+    if args.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last_3d if args.video else torch.channels_last)
+    images = images.to(args.device)
     labels = torch.randint(0, 1000, (batch,)).to(args.device)
     train, infer, params, models = {}, {}, {}, {}
-    for name, options in MODELS.items():
-        model = create_model("resnet50", **options).to(args.device, memory_format=memory_format)
+    for name, (registered, options) in specs.items():
+        model = create_model(registered, num_classes=1000, **options).to(args.device)
+        if args.channels_last:
+            model = to_channels_last(model)
         models[name] = model
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         train[name] = train_step(model, optimizer, images, labels)
         infer[name] = inference(model, images)
         params[name] = sum(p.numel() for p in model.parameters())
     if args.unfused_ends:
-        for name in list(MODELS)[:2]:
+        for name in list(specs)[:2]:
             params[f"{name}, unfused ends"] = params[name]
             train[f"{name}, unfused ends"] = within(lambda: fused_block_ends(False), train[name])
             infer[f"{name}, unfused ends"] = within(lambda: fused_block_ends(False), infer[name])
     if args.composite:
-        for name in list(MODELS)[1:]:
+        for name in list(specs)[1:]:
             params[f"{name}, composite"] = params[name]
             train[f"{name}, composite"] = within(composite_autograd, train[name])
             infer[f"{name}, composite"] = within(composite_autograd, infer[name])
@@ -207,9 +224,9 @@ def main(argv: list[str] | None = None) -> dict:
     load_before = load()
     train_times = interleaved(train, rounds, warmup=1)
     infer_times = interleaved(infer, rounds, warmup=1)
-    base = next(iter(MODELS))
+    base = next(iter(specs))
     shares: dict[str, dict[str, float]] = {}
-    for name in list(MODELS)[1:] if not cuda else []:
+    for name in list(specs)[1:] if not cuda else []:
         clock = BlockClock(models[name])
         shares[name] = {"train": clock.share(train[name], min(rounds, 5)),
                         "infer": clock.share(infer[name], min(rounds, 5))}
@@ -239,8 +256,9 @@ def main(argv: list[str] | None = None) -> dict:
          f"{r['train_peak_mib']:.0f} MiB" if cuda else in_blocks(r)]
         for r in rows
     ]
-    layout = "channels_last" if args.channels_last else "NCHW"
-    print(f"#### {args.device}, batch {batch}, {size}x{size}, {layout}, {rounds} rounds "
+    layout = ("channels_last_3d" if args.video else "channels_last") if args.channels_last else (
+        "NCDHW" if args.video else "NCHW")
+    print(f"#### {args.device}, batch {batch}, {'x'.join(map(str, (*frames, size, size)))}, {layout}, {rounds} rounds "
           f"(load {load_before} -> {load()})\n")
     header = ["model", "params", "train step ms", f"vs {base} (95%)", "inference ms", f"vs {base} (95%)",
               "train step peak memory" if cuda else "in blocks, train / inference"]

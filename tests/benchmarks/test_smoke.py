@@ -32,7 +32,8 @@ def test_block_benchmarks_report_every_case() -> None:
         if result["suite"] == "gc":
             assert names[0].startswith("floor") and "gcnet GC r16 (add)" in names
         else:
-            assert {"gcnet NL (SDPA)", "naive NL (N x N bmm)"} <= set(names)
+            nl_rows = {"gcnet NL (SDPA)", "naive NL (N x N bmm)", "gcnet NL, bmm projections (oneDNN off)"}
+            assert nl_rows <= set(names)
         assert all(row["fwd_ms"] > 0 and row["fb_ms"] > 0 for row in result["rows"])
         # The cases sharing weights (gcnet, its composite path, naive, timm) compute the same function.
         assert result["max_abs_diff"] < 1e-4
@@ -54,6 +55,14 @@ def test_model_benchmark_reports_each_model() -> None:
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
     assert result["rows"][0]["train_block_share"] is None
     assert all(0 < row["train_block_share"] < 1 for row in result["rows"][1:3])
+
+
+def test_model_benchmark_on_clips_in_channels_last_3d() -> None:
+    result = models.main(["--quick", "--video", "--channels-last", "--rounds", "1", "--threads", "1",
+                          "--system-allocator"])
+    assert [row["model"] for row in result["rows"]] == list(models.VIDEO_MODELS)
+    assert result["layout"] == "channels_last_3d" and all(row["train_ms"] > 0 for row in result["rows"])
+    assert all(0 < row["train_block_share"] < 1 for row in result["rows"][1:])
 
 
 class _Sleep(torch.nn.Module):
