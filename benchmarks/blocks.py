@@ -501,7 +501,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.warm_cache:
         evict = CacheEviction(16 if args.quick else CacheEviction.mib_for_this_machine())
     caches = f"evicted before each call ({evict.mib} MiB buffer)" if evict else "warm (x read before each)"
-    run_info = start_run(args.threads, args.system_allocator, caches=caches)
+    run_info = start_run(args.threads, args.system_allocator, **{"cache mode": caches})  # beside their sizes
     results = []
     plan: list[tuple[str, Shape]] = []
     if args.suite in ("gc", "all"):

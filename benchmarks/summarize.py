@@ -35,7 +35,7 @@ def sections(text: str) -> list[tuple[str, str]]:
 
 def cache_mode(text: str) -> str:
     """'warm' or 'cold', from the header benchmarks.blocks prints."""
-    return "warm" if "caches: warm" in text else "cold"
+    return "warm" if "cache mode: warm" in text or "caches: warm" in text else "cold"  # the latter before 12-05
 
 
 def summary_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:

@@ -235,8 +235,8 @@ def test_pool_block_benchmark_times_both_kernels_against_one_pass() -> None:
             assert all(row[5].endswith("x") and row[7].endswith("x") for row in mine[1:])
 
 
-def _run_output(caches: str, fwd: str, speedups: str) -> str:
-    return (f"cpu: test | caches: {caches} | threads: 1\n\n#### Summary\n\n"
+def _run_output(mode: str, fwd: str, speedups: str, key: str = "cache mode") -> str:
+    return (f"cpu: test | caches: L1d 48K, L3 32768K | {key}: {mode} | threads: 1\n\n#### Summary\n\n"
             "| shape | GC fwd / floor | kernels vs PyTorch ops fwd, fwd+bwd |\n|---|---|---|\n"
             f"| 4x8x6x6 | {fwd} (1.00-9.00) | {speedups} |\n\n"
             "| shape | naive fwd / NL |\n|---|---|\n| 1x8x4x4 | 2.00x |\n")
@@ -250,12 +250,15 @@ def test_summarize_gives_the_median_and_range_of_each_ratio_over_runs(tmp_path, 
                                              ("1.20x", "1.60x, 3.00x")], start=1)))
     single = tmp_path / "one.txt"  # a file of one run: grouped by its cache mode
     single.write_text(_run_output("warm (x read before each)", "1.40x", "1.10x, 1.20x"))
-    tables = summarize.main([str(runs), str(single), "--each"])
+    before = tmp_path / "before-12-05.txt"  # the mode was printed as "caches", without their sizes
+    before.write_text(_run_output("warm (x read before each)", "1.20x", "1.10x, 1.20x").replace(
+        "caches: L1d 48K, L3 32768K | cache mode:", "caches:"))
+    tables = summarize.main([str(runs), str(single), str(before), "--each"])
     assert tables["cold, new: GC fwd / floor"] == [
         ["4x8x6x6", "1.20x (1.10-1.30) [1.10 1.30 1.20]",
          "1.60x (1.50-1.70) [1.50 1.70 1.60], 2.00x (1.00-3.00) [2.00 1.00 3.00]"]]
     assert tables["cold, new: naive fwd / NL"] == [["1x8x4x4", "2.00x (2.00-2.00) [2.00 2.00 2.00]"]]
-    assert tables["warm: GC fwd / floor"][0][1] == "1.40x (1.40-1.40) [1.40]"
+    assert tables["warm: GC fwd / floor"][0][1] == "1.30x (1.20-1.40) [1.40 1.20]"
     assert "#### cold, new (3 runs)" in capsys.readouterr().out
     empty = tmp_path / "empty.md"
     empty.write_text("## Run 1, cold\n\nno table here\n")
