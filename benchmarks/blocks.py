@@ -465,7 +465,7 @@ def format_summary(results: list[dict]) -> str:
             bmm = "gcnet NL, bmm projections"
             table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd"),
                           _speedup(result, "naive NL", "gcnet NL", "fb"), peaks,
-                          _speedup(result, bmm, "gcnet NL", "fwd") + ", " + _speedup(result, bmm, "gcnet NL", "fb")])
+                          ", ".join(_speedup(result, bmm, "gcnet NL", key) for key in ("fwd", "fb"))])
         out.append(markdown_table(header, table))
     return "\n\n".join(out) + "\n"
 

@@ -76,8 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
         raise SystemExit("benchmarks.compare: expected --runs >= 1 and --modes from cold,warm")
     head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True,
                           text=True, check=False).stdout.strip() or "this checkout"
-    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"], capture_output=True,
-                             text=True, check=False).stdout.strip()
+    changed = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src"],
+                             capture_output=True, text=True, check=False).stdout.strip()
     if changed:
         head += " + changes in src"  # the library under test is not that commit's
     scratch = Path(tempfile.mkdtemp(prefix="gcnet-compare-"))

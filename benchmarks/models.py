@@ -258,7 +258,8 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     layout = ("channels_last_3d" if args.video else "channels_last") if args.channels_last else (
         "NCDHW" if args.video else "NCHW")
-    print(f"#### {args.device}, batch {batch}, {'x'.join(map(str, (*frames, size, size)))}, {layout}, {rounds} rounds "
+    extent = "x".join(map(str, (*frames, size, size)))
+    print(f"#### {args.device}, batch {batch}, {extent}, {layout}, {rounds} rounds "
           f"(load {load_before} -> {load()})\n")
     header = ["model", "params", "train step ms", f"vs {base} (95%)", "inference ms", f"vs {base} (95%)",
               "train step peak memory" if cuda else "in blocks, train / inference"]

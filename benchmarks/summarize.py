@@ -35,7 +35,7 @@ def sections(text: str) -> list[tuple[str, str]]:
 
 def cache_mode(text: str) -> str:
     """'warm' or 'cold', from the header benchmarks.blocks prints."""
-    return "warm" if "cache mode: warm" in text or "caches: warm" in text else "cold"  # the latter before 12-05
+    return "warm" if "cache mode: warm" in text or "caches: warm" in text else "cold"  # "caches:": older
 
 
 def summary_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
