@@ -86,6 +86,34 @@ def test_blockwise_attention_backward_over_several_blocks(monkeypatch: pytest.Mo
     torch.testing.assert_close(got, torch.autograd.grad(expected, (q, k, v), grad), rtol=0, atol=1e-12)
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN:UserWarning")  # mkldnn.flags
+@pytest.mark.parametrize("rows", [3, 20])  # bands of 3 query rows (the last of 2), or whole samples
+def test_onednn_attention_forward_and_backward_match_the_float64_formula(monkeypatch: pytest.MonkeyPatch,
+                                                                         rows: int) -> None:
+    from gcnet.blocks import _fused
+
+    assert _fused._onednn_matmul() is not None  # this torch's oneDNN matmul agrees with torch.mm
+    monkeypatch.setattr(_fused, "attention_blocks", lambda *shape: (1, rows))
+    monkeypatch.setattr(_fused, "attention_rows", lambda *shape: rows)
+    products, mm_t = [], _fused._mm_t
+    monkeypatch.setattr(_fused, "_mm_t", lambda a, b, onednn: products.append(onednn) or mm_t(a, b, onednn))
+    q, k, v = (torch.randn(3, n, 4, requires_grad=True) for n in (20, 10, 10))
+    out = _fused.BlockwiseAttention.apply(q, k, v, 0.3)
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    assert products and all(products)
+    exact = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    expected = torch.softmax(exact[0] @ exact[1].transpose(1, 2) * 0.3, dim=-1) @ exact[2]
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_fused.onednn_attention_forward(q.detach(), k.detach(), v.detach(), 0.3), out)
+    for g, e in zip(got, torch.autograd.grad(expected, exact, grad.double())):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-5)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not _fused.onednn_attention(q, k, v)
+    assert not _fused.onednn_attention(q.double(), k, v)
+
+
 def test_blockwise_attention_blocks_take_whole_samples_or_bands_that_grow_with_the_head_dim() -> None:
     from gcnet.blocks import _fused
 

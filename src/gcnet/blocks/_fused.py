@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -616,14 +616,74 @@ def attention_blocks(
     return 1, max(1, min(queries, max(budget // keys, head_dim * head_dim // 32)))
 
 
+@functools.cache
+def _onednn_matmul() -> Callable[..., Tensor] | None:
+    """oneDNN's matmul, a @ w^T, as torch exposes it to inductor (`mkldnn::_linear_pointwise`), where
+    this torch has it and it agrees with torch.mm on a probe; None otherwise (a private op)."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+    generator = torch.Generator().manual_seed(0)
+    a, w = torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)
+    try:
+        agrees = op is not None and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
+    except (RuntimeError, TypeError):
+        agrees = False
+    return op if agrees else None
+
+
+def onednn_attention(*tensors: Tensor) -> bool:
+    """Whether attention's products run through oneDNN's matmul rather than MKL (torch.mm, bmm, SDPA):
+    float32 CPU tensors, eagerly, with `torch.backends.mkldnn` enabled. MKL runs AVX2 code on AMD
+    CPUs, oneDNN AVX-512: on Zen 5 the blockwise forward took about half of SDPA's time
+    (docs/benchmarks.md)."""
+    if not (_eager() and torch._C._get_mkldnn_enabled()) or is_in_torch_dispatch_mode():
+        return False
+    plain = all(type(t) is Tensor and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    return plain and _onednn_matmul() is not None
+
+
+def _mm_t(a: Tensor, b: Tensor, onednn: bool) -> Tensor:
+    """a @ b^T for (s, n, K) and (s, m, K): bmm, or oneDNN's matmul one sample at a time."""
+    if not onednn:
+        return torch.bmm(a, b.transpose(1, 2))
+    matmul = _onednn_matmul()
+    assert matmul is not None
+    products = [matmul(a[i], b[i], None, "none", [], "") for i in range(a.shape[0])]
+    return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
+
+
+def attention_rows(queries: int, keys: int) -> int:
+    """Query rows per block of the oneDNN attention forward: 512, fewer where the (rows x keys) logits
+    would pass 4M elements (16 MiB in float32), at least 64. On Zen 5 512 rows were fastest from 128
+    to 1024 at 4096 and 1568 keys; at 16384 keys 256 rows keep the peak memory low (scratch timings)."""
+    return max(1, min(queries, 512, max(64, (4 << 20) // max(keys, 1))))
+
+
+def onednn_attention_forward(queries: Tensor, keys: Tensor, values: Tensor, scale: float) -> Tensor:
+    """softmax(q k^T * scale) v of float32 CPU (B, N, D), (B, Nk, D), (B, Nk, Dv), a band of query rows
+    at a time with whole softmax rows (no online rescaling): memory O(rows * Nk)."""
+    B, N, _ = queries.shape
+    out = queries.new_empty(B, N, values.shape[-1])
+    rows = attention_rows(N, keys.shape[1])
+    for b in range(B):
+        k, v_t = keys[b:b + 1], values[b:b + 1].transpose(1, 2).contiguous()  # (1, Nk, D), (1, Dv, Nk)
+        for start in range(0, N, rows):
+            logits = _mm_t(queries[b:b + 1, start:start + rows], k, True)  # (1, n, Nk)
+            if scale != 1.0:
+                logits.mul_(scale)
+            out[b:b + 1, start:start + rows] = _mm_t(logits.softmax(dim=-1), v_t, True)
+    return out
+
+
 class BlockwiseAttention(torch.autograd.Function):
     """softmax(q k^T * scale) v for (B, N, D) queries, (B, Nk, D) keys and values; blockwise backward.
 
-    The forward is `scaled_dot_product_attention` (flash path, no N x Nk matrix). On CPU its flash
-    backward is several times slower than BLAS for small head dims (measured: 18.7 s against 5.5 s
-    for the naive N x N form at 1x64x128x128), so the backward recomputes the probabilities a block
-    of samples or of query rows at a time and runs the five products through bmm: memory stays
-    O(block * Nk).
+    The forward is `scaled_dot_product_attention` (flash path, no N x Nk matrix), or where
+    `onednn_attention` holds, `onednn_attention_forward`. On CPU SDPA's flash backward is several times
+    slower than BLAS for small head dims (measured: 18.7 s against 5.5 s for the naive N x N form at
+    1x64x128x128), so the backward recomputes the probabilities a block of samples or of query rows at
+    a time and runs the five products through bmm (or oneDNN's matmul): memory stays O(block * Nk).
     """
 
     @staticmethod
@@ -634,10 +694,14 @@ class BlockwiseAttention(torch.autograd.Function):
         ctx.dtypes = (queries.dtype, keys.dtype, values.dtype)
         common = torch.promote_types(torch.promote_types(queries.dtype, keys.dtype), values.dtype)
         queries, keys, values = queries.to(common), keys.to(common), values.to(common)
+        ctx.onednn = onednn_attention(queries, keys, values)
         with torch.autocast(queries.device.type, enabled=False):  # the backward recomputes in this dtype
-            out = torch.nn.functional.scaled_dot_product_attention(
-                queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), scale=scale
-            ).squeeze(1)  # (B, N, Dv)
+            if ctx.onednn:
+                out = onednn_attention_forward(queries, keys, values, scale)
+            else:
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    queries.unsqueeze(1), keys.unsqueeze(1), values.unsqueeze(1), scale=scale
+                ).squeeze(1)  # (B, N, Dv)
         ctx.save_for_backward(queries, keys, values, out)
         ctx.scale = scale
         return out
@@ -646,7 +710,7 @@ class BlockwiseAttention(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_out: Tensor):  # type: ignore[override]
         queries, keys, values, out = ctx.saved_tensors
-        scale = ctx.scale
+        scale, onednn = ctx.scale, ctx.onednn
         N, Nk = queries.shape[1], keys.shape[1]
         grad_out = grad_out.to(out.dtype).contiguous()
         grad_q = torch.empty_like(queries)
@@ -655,16 +719,18 @@ class BlockwiseAttention(torch.autograd.Function):
         # D_i = sum_j P_ij dP_ij = dO_i . O_i, the softmax backward's row term.
         row_term = (grad_out * out).sum(dim=-1, keepdim=True)  # (B, N, 1)
         samples, step = attention_blocks(queries.shape[0], N, Nk, queries.shape[-1], out.element_size())
+        samples = 1 if onednn else samples  # oneDNN's matmul takes one sample's matrices
         for first in range(0, queries.shape[0], samples):
             batch = slice(first, first + samples)
             k, v = keys[batch], values[batch]  # (b, Nk, D), (b, Nk, Dv)
+            k_t = k.transpose(1, 2).contiguous() if onednn else k.transpose(1, 2)  # (b, D, Nk)
             for start in range(0, N, step):
                 rows = slice(start, start + step)
                 q, d_out = queries[batch, rows], grad_out[batch, rows]  # (b, n, D), (b, n, Dv)
-                probs = (torch.bmm(q, k.transpose(1, 2)) * scale).softmax(dim=-1)  # (b, n, Nk)
-                grad_v[batch].baddbmm_(probs.transpose(1, 2), d_out)  # (b, Nk, Dv)
-                grad_logits = torch.bmm(d_out, v.transpose(1, 2))  # (b, n, Nk): dP
+                probs = (_mm_t(q, k, onednn) * scale).softmax(dim=-1)  # (b, n, Nk)
+                grad_v[batch] += _mm_t(probs.transpose(1, 2), d_out.transpose(1, 2), onednn)  # (b, Nk, Dv)
+                grad_logits = _mm_t(d_out, v, onednn)  # (b, n, Nk): dP
                 grad_logits.sub_(row_term[batch, rows]).mul_(probs).mul_(scale)  # dS, scaled
-                grad_q[batch, rows] = torch.bmm(grad_logits, k)  # (b, n, D)
-                grad_k[batch].baddbmm_(grad_logits.transpose(1, 2), q)  # (b, Nk, D)
+                grad_q[batch, rows] = _mm_t(grad_logits, k_t, onednn)  # (b, n, D)
+                grad_k[batch] += _mm_t(grad_logits.transpose(1, 2), q.transpose(1, 2), onednn)  # (b, Nk, D)
         return (*(g.to(dtype) for g, dtype in zip((grad_q, grad_k, grad_v), ctx.dtypes)), None)

@@ -24,7 +24,13 @@ from torch import Tensor, nn
 
 from gcnet._checks import check_choice, check_input, check_positive_int
 from gcnet.blocks._checks import reduced_channels
-from gcnet.blocks._fused import BlockwiseAttention, composite_requested, fused_enabled
+from gcnet.blocks._fused import (
+    BlockwiseAttention,
+    composite_requested,
+    fused_enabled,
+    onednn_attention,
+    onednn_attention_forward,
+)
 
 Mode = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
 SubsampleAt = Literal["projections", "input"]
@@ -226,13 +232,17 @@ class NonLocal(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         queries, keys, values = self._embed(x)
-        blockwise = fused_enabled(x, *self.parameters()) and _blockwise_backward_pays(x, queries)
+        onednn = self.mode in SOFTMAX_MODES and onednn_attention(queries, keys, values)
+        blockwise = fused_enabled(x, *self.parameters()) and (onednn or _blockwise_backward_pays(x, queries))
         if self.mode in SOFTMAX_MODES and blockwise:
-            # SDPA forward, and a blockwise BLAS backward: faster than CPU's flash backward here.
+            # A blockwise backward (BLAS or oneDNN): faster than CPU's flash backward for small head
+            # dims, and oneDNN's products for any on AMD CPUs (MKL runs AVX2 code there).
             y = BlockwiseAttention.apply(queries, keys, values, self.scale_factor)  # (B, N, C')
         elif self.mode in SOFTMAX_MODES and composite_requested():
             # Plain ops over the N x N matrix: differentiable to any order (CPU SDPA's backward is not).
             y = torch.bmm(self._softmax_weights(queries, keys), values)  # (B, N, C')
+        elif onednn:  # no gradient wanted
+            y = onednn_attention_forward(queries, keys, values, self.scale_factor)  # (B, N, C')
         elif self.mode in SOFTMAX_MODES:
             # Contiguous (B, 1, N, D) inputs keep SDPA on its flash path (no N x N matrix).
             y = F.scaled_dot_product_attention(
