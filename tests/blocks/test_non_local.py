@@ -96,6 +96,7 @@ def test_onednn_attention_forward_and_backward_match_the_float64_formula(monkeyp
     assert _fused._onednn_matmul() is not None  # this torch's oneDNN matmul agrees with torch.mm
     monkeypatch.setattr(_fused, "attention_blocks", lambda *shape: (1, rows))
     monkeypatch.setattr(_fused, "attention_rows", lambda *shape: rows)
+    monkeypatch.setattr(_fused, "ONEDNN_ATTENTION_MIN_WORK", 0)
     products, mm_t = [], _fused._mm_t
     monkeypatch.setattr(_fused, "_mm_t", lambda a, b, onednn: products.append(onednn) or mm_t(a, b, onednn))
     q, k, v = (torch.randn(3, n, 4, requires_grad=True) for n in (20, 10, 10))
@@ -112,6 +113,8 @@ def test_onednn_attention_forward_and_backward_match_the_float64_formula(monkeyp
     with torch.backends.mkldnn.flags(enabled=False):
         assert not _fused.onednn_attention(q, k, v)
     assert not _fused.onednn_attention(q.double(), k, v)
+    monkeypatch.setattr(_fused, "ONEDNN_ATTENTION_MIN_WORK", 20 * 10 * 4 + 1)  # one multiply-add short
+    assert not _fused.onednn_attention(q, k, v)
 
 
 def test_blockwise_attention_blocks_take_whole_samples_or_bands_that_grow_with_the_head_dim() -> None:
@@ -170,10 +173,12 @@ def test_channels_last_gives_the_same_result(mode: str, subsample: bool) -> None
 @pytest.mark.parametrize("dims, layout", [(1, None), (2, None), (3, None), (2, torch.channels_last),
                                           (3, torch.channels_last_3d)])
 @pytest.mark.parametrize("mode", MODES)
-def test_float32_cpu_projections_run_as_onednn_convolutions_with_the_float64_results(
+def test_float32_cpu_projections_and_attention_run_through_onednn_with_the_float64_results(
     mode: str, dims: int, layout: torch.memory_format | None, subsample_at: str | None,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    from gcnet.blocks import _fused
+
     options = {} if subsample_at is None else {"subsample": True, "subsample_at": subsample_at}
     exact = build(mode, dims, **options).train()
     block = build(mode, dims, **options).float().train()
@@ -181,6 +186,9 @@ def test_float32_cpu_projections_run_as_onednn_convolutions_with_the_float64_res
     x = sample(dims) if layout is None else sample(dims).contiguous(memory_format=layout)
     conv2d, calls = torch.nn.functional.conv2d, []
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    monkeypatch.setattr(_fused, "ONEDNN_ATTENTION_MIN_WORK", 0)  # attention through oneDNN too
+    products, mm_t = [], _fused._mm_t
+    monkeypatch.setattr(_fused, "_mm_t", lambda a, b, onednn: products.append(onednn) or mm_t(a, b, onednn))
     threads = torch.get_num_threads()
     torch.set_num_threads(2)  # oneDNN's path: one thread keeps bmm below batch 16, as torch would
     outputs, grads = [], []
@@ -194,9 +202,13 @@ def test_float32_cpu_projections_run_as_onednn_convolutions_with_the_float64_res
                     (out * torch.linspace(-1, 1, out.numel()).view(out.shape).to(out)).sum().backward()
                 outputs.append(out.detach().double())
                 grads.append([inputs.grad.double()] + [p.grad.double() for p in model.parameters()])
+        with torch.no_grad():
+            evaluated = block.eval()(x.float()).double()  # the forward without autograd (BN: running stats)
+            torch.testing.assert_close(evaluated, exact.eval()(x), rtol=1e-4, atol=1e-5)
     finally:
         torch.set_num_threads(threads)
-    assert len(calls) == (2 if mode == "gaussian" else 4)  # g [theta, phi] and W_z, float32 with oneDNN only
+    assert len(calls) == 2 * (2 if mode == "gaussian" else 4)  # g [theta, phi], W_z: float32, oneDNN on
+    assert any(products) == (mode in ("gaussian", "embedded_gaussian"))  # the softmax modes' attention
     for out, grad in zip(outputs[1:], grads[1:]):
         torch.testing.assert_close(out, outputs[0], rtol=1e-4, atol=1e-5)
         for got, expected in zip(grad, grads[0]):

@@ -632,15 +632,22 @@ def _onednn_matmul() -> Callable[..., Tensor] | None:
     return op if agrees else None
 
 
-def onednn_attention(*tensors: Tensor) -> bool:
+# Multiply-adds per sample (N * Nk * D) below which attention keeps bmm / SDPA: oneDNN's matmul runs
+# one sample per call, and at 128x64x16x16 (2M) the calls cost more than its speed saved (Zen 5).
+ONEDNN_ATTENTION_MIN_WORK = 1 << 23
+
+
+def onednn_attention(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
     """Whether attention's products run through oneDNN's matmul rather than MKL (torch.mm, bmm, SDPA):
-    float32 CPU tensors, eagerly, with `torch.backends.mkldnn` enabled. MKL runs AVX2 code on AMD
-    CPUs, oneDNN AVX-512: on Zen 5 the blockwise forward took about half of SDPA's time
-    (docs/benchmarks.md)."""
+    float32 CPU tensors, eagerly, with `torch.backends.mkldnn` enabled, and samples large enough. MKL
+    runs AVX2 code on AMD CPUs, oneDNN AVX-512: on Zen 5 the blockwise forward took about half of
+    SDPA's time (docs/benchmarks.md)."""
     if not (_eager() and torch._C._get_mkldnn_enabled()) or is_in_torch_dispatch_mode():
         return False
+    tensors = (queries, keys, values)
     plain = all(type(t) is Tensor and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-    return plain and _onednn_matmul() is not None
+    work = queries.shape[1] * keys.shape[1] * queries.shape[2]
+    return plain and work >= ONEDNN_ATTENTION_MIN_WORK and _onednn_matmul() is not None
 
 
 def _mm_t(a: Tensor, b: Tensor, onednn: bool) -> Tensor:
