@@ -219,7 +219,7 @@ class TimmNonLocal(nn.Module):
 
 @contextlib.contextmanager
 def onednn_disabled() -> Iterator[None]:
-    """torch.backends.mkldnn.flags(enabled=False) without its warning: NL's projections take bmm (MKL)."""
+    """torch.backends.mkldnn.flags(enabled=False) without its warning: NL takes bmm and SDPA (MKL)."""
     previous = torch._C._get_mkldnn_enabled()
     torch._C._set_mkldnn_enabled(False)
     try:
@@ -231,9 +231,9 @@ def onednn_disabled() -> Iterator[None]:
 def nl_cases(shape: Shape) -> dict[str, nn.Module]:
     C, dims = shape[1], len(shape) - 2
     nl = randomize_(NonLocal(C, mode="embedded_gaussian", dims=dims))
-    cases: dict[str, nn.Module] = {"gcnet NL (SDPA)": nl, "naive NL (N x N bmm)": NaiveNonLocal(nl)}
-    if torch.backends.mkldnn.is_available():  # the choice of gcnet.blocks.non_local._onednn, per machine
-        cases["gcnet NL, bmm projections (oneDNN off)"] = InContext(nl, onednn_disabled)
+    cases: dict[str, nn.Module] = {"gcnet NL": nl, "naive NL (N x N bmm)": NaiveNonLocal(nl)}
+    if torch.backends.mkldnn.is_available():  # whether gcnet's use of oneDNN pays, per machine
+        cases["gcnet NL, oneDNN off (MKL: bmm, SDPA)"] = InContext(nl, onednn_disabled)
     # timm's form is 2D only, and at 128x128 one naive (N x N) form is enough to wait for.
     if timm_layers is not None and dims == 2 and math.prod(shape[2:]) < 16384:
         cases["timm NonLocalAttn (C'=C/2, no scale)"] = TimmNonLocal(C)
@@ -453,7 +453,7 @@ def format_summary(results: list[dict]) -> str:
     nl = [r for r in results if r["suite"] == "nl"]
     if nl:
         header = ["shape", "naive fwd / NL", "naive fwd+bwd / NL", "NL peak fwd, fwd+bwd (% of naive)",
-                  "bmm projections / NL fwd, fwd+bwd"]
+                  "oneDNN off / NL fwd, fwd+bwd"]
         table = []
         for result in nl:
             block, naive = _row(result, "gcnet NL"), _row(result, "naive NL")
@@ -462,10 +462,10 @@ def format_summary(results: list[dict]) -> str:
             if all(isinstance(v, (int, float)) for v in measured):
                 peaks = ", ".join(f"{block[k]:.0f} MiB ({100 * block[k] / naive[k]:.1f}%)"
                                   for k in ("peak_fwd_mib", "peak_fb_mib"))
-            bmm = "gcnet NL, bmm projections"
+            mkl = "gcnet NL, oneDNN off"
             table.append([result["shape"], _speedup(result, "naive NL", "gcnet NL", "fwd"),
                           _speedup(result, "naive NL", "gcnet NL", "fb"), peaks,
-                          ", ".join(_speedup(result, bmm, "gcnet NL", key) for key in ("fwd", "fb"))])
+                          ", ".join(_speedup(result, mkl, "gcnet NL", key) for key in ("fwd", "fb"))])
         out.append(markdown_table(header, table))
     return "\n\n".join(out) + "\n"
 
