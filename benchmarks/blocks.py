@@ -233,7 +233,7 @@ def nl_cases(shape: Shape) -> dict[str, nn.Module]:
     nl = randomize_(NonLocal(C, mode="embedded_gaussian", dims=dims))
     cases: dict[str, nn.Module] = {"gcnet NL": nl, "naive NL (N x N bmm)": NaiveNonLocal(nl)}
     if torch.backends.mkldnn.is_available():  # whether gcnet's use of oneDNN pays, per machine
-        cases["gcnet NL, oneDNN off (MKL: bmm, SDPA)"] = InContext(nl, onednn_disabled)
+        cases["gcnet NL, oneDNN off (MKL bmm, SDPA)"] = InContext(nl, onednn_disabled)
     # timm's form is 2D only, and at 128x128 one naive (N x N) form is enough to wait for.
     if timm_layers is not None and dims == 2 and math.prod(shape[2:]) < 16384:
         cases["timm NonLocalAttn (C'=C/2, no scale)"] = TimmNonLocal(C)
@@ -300,7 +300,8 @@ def check_agreement(cases: dict[str, nn.Module], x: Tensor) -> float:
 def run_memory_case(spec: str, threads: int) -> None:
     """Entry of the fresh process: build one case, print {"peak_mib": ...} for one run."""
     torch.set_num_threads(threads)
-    suite, shape_text, name, mode = spec.split(":")
+    suite, shape_text, rest = spec.split(":", 2)
+    name, mode = rest.rsplit(":", 1)  # a case's name may hold a colon
     shape = tuple(int(s) for s in shape_text.split("x"))
     x, grad = make_inputs(shape)
     case = Case(build(suite, shape)[name], x, grad)

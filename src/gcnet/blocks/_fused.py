@@ -662,8 +662,8 @@ def _mm_t(a: Tensor, b: Tensor, onednn: bool) -> Tensor:
 
 def attention_rows(queries: int, keys: int) -> int:
     """Query rows per block of the oneDNN attention forward: 512, fewer where the (rows x keys) logits
-    would pass 4M elements (16 MiB in float32), at least 64. On Zen 5 512 rows were fastest from 128
-    to 1024 at 4096 and 1568 keys; at 16384 keys 256 rows keep the peak memory low (scratch timings)."""
+    would pass 4M elements (16 MiB in float32), at least 64. On Zen 5, of 128 to 1024 rows, 512 were
+    fastest at 4096 and 1568 keys; at 16384 keys 256 rows keep the peak memory low."""
     return max(1, min(queries, 512, max(64, (4 << 20) // max(keys, 1))))
 
 

@@ -89,7 +89,8 @@ def _blockwise_backward_pays(x: Tensor, queries: Tensor) -> bool:
 class NonLocal(nn.Module):
     """Non-local block: every position attends to every (optionally sub-sampled) position.
 
-    The softmax modes run through `scaled_dot_product_attention` and the dot-product mode as
+    The softmax modes run through `scaled_dot_product_attention` (on CPU in float32, through oneDNN's
+    matmul in bands of query rows: `_fused.onednn_attention`) and the dot-product mode as
     theta (phi^T g) / N, so neither materialises the N x N matrix; `attention_map` builds it on
     request for analysis. The concatenation mode needs the matrix of scalars f_ij. The BatchNorm
     after W_z starts with weight and bias zero, so the block is the identity at initialisation.
