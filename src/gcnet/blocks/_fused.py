@@ -626,7 +626,8 @@ def _onednn_matmul() -> Callable[..., Tensor] | None:
     generator = torch.Generator().manual_seed(0)
     a, w = torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)
     try:
-        agrees = op is not None and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
+        with torch.autocast("cpu", enabled=False), torch.no_grad():  # a first call may come under autocast
+            agrees = op is not None and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
     except (RuntimeError, TypeError):
         agrees = False
     return op if agrees else None
