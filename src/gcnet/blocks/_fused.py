@@ -616,11 +616,22 @@ def attention_blocks(
     return 1, max(1, min(queries, max(budget // keys, head_dim * head_dim // 32)))
 
 
+_HAS_ONEDNN = torch.backends.mkldnn.is_available()
+
+
+def onednn_float32(*tensors: Tensor) -> bool:
+    """float32 CPU tensors, with oneDNN built and `torch.backends.mkldnn` enabled: where gcnet sends
+    products to oneDNN (AVX-512 on AMD CPUs, where MKL runs AVX2 code)."""
+    if not (_HAS_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
+        return False
+    return torch._C._get_mkldnn_enabled()
+
+
 @functools.cache
 def _onednn_matmul() -> Callable[..., Tensor] | None:
     """oneDNN's matmul, a @ w^T, as torch exposes it to inductor (`mkldnn::_linear_pointwise`), where
     this torch has it and it agrees with torch.mm on a probe; None otherwise (a private op)."""
-    if not torch.backends.mkldnn.is_available():
+    if not _HAS_ONEDNN:
         return None
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
     generator = torch.Generator().manual_seed(0)
@@ -643,22 +654,20 @@ def onednn_attention(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
     float32 CPU tensors, eagerly, with `torch.backends.mkldnn` enabled, and samples large enough. MKL
     runs AVX2 code on AMD CPUs, oneDNN AVX-512: on Zen 5 the blockwise forward took about half of
     SDPA's time (docs/benchmarks.md)."""
-    if not (_eager() and torch._C._get_mkldnn_enabled()) or is_in_torch_dispatch_mode():
+    if not _eager() or is_in_torch_dispatch_mode() or not onednn_float32(queries, keys, values):
         return False
-    tensors = (queries, keys, values)
-    plain = all(type(t) is Tensor and t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    plain = all(type(t) is Tensor for t in (queries, keys, values))
     work = queries.shape[1] * keys.shape[1] * queries.shape[2]
     return plain and work >= ONEDNN_ATTENTION_MIN_WORK and _onednn_matmul() is not None
 
 
 def _mm_t(a: Tensor, b: Tensor, onednn: bool) -> Tensor:
-    """a @ b^T for (s, n, K) and (s, m, K): bmm, or oneDNN's matmul one sample at a time."""
+    """a @ b^T for (s, n, K) and (s, m, K): bmm, or oneDNN's matmul on one sample's matrices (s = 1)."""
     if not onednn:
         return torch.bmm(a, b.transpose(1, 2))
     matmul = _onednn_matmul()
-    assert matmul is not None
-    products = [matmul(a[i], b[i], None, "none", [], "") for i in range(a.shape[0])]
-    return products[0].unsqueeze(0) if len(products) == 1 else torch.stack(products)
+    assert matmul is not None and a.shape[0] == 1
+    return matmul(a[0], b[0], None, "none", [], "").unsqueeze(0)
 
 
 def attention_rows(queries: int, keys: int) -> int:

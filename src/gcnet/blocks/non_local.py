@@ -30,6 +30,7 @@ from gcnet.blocks._fused import (
     fused_enabled,
     onednn_attention,
     onednn_attention_forward,
+    onednn_float32,
 )
 
 Mode = Literal["gaussian", "embedded_gaussian", "dot_product", "concatenation"]
@@ -42,7 +43,6 @@ SOFTMAX_MODES: tuple[str, ...] = ("gaussian", "embedded_gaussian")
 SCALES: tuple[str, ...] = ("none", "inner", "channels")
 SUBSAMPLE_KERNELS: dict[int, tuple[int, ...]] = {1: (2,), 2: (2, 2), 3: (1, 2, 2)}
 _MAX_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
-_HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def _onednn(x: Tensor) -> bool:
@@ -54,11 +54,7 @@ def _onednn(x: Tensor) -> bool:
     (1-4% slower than bmm there): those keep bmm (a single thread's traces too), as does torch.compile
     (its graph chooses kernels).
     """
-    if torch.jit.is_scripting() or torch.compiler.is_compiling():
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or not _HAS_ONEDNN:
-        return False
-    if not torch._C._get_mkldnn_enabled():
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or not onednn_float32(x):
         return False
     return torch.get_num_threads() > 1 or (not torch._C._is_tracing() and x.shape[0] >= 16)
 
