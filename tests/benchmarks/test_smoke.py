@@ -32,7 +32,8 @@ def test_block_benchmarks_report_every_case() -> None:
         if result["suite"] == "gc":
             assert names[0].startswith("floor") and "gcnet GC r16 (add)" in names
         else:
-            nl_rows = {"gcnet NL", "naive NL (N x N bmm)", "gcnet NL, oneDNN off (MKL bmm, SDPA)"}
+            nl_rows = {"gcnet NL", "naive NL (N x N bmm)", "gcnet NL, oneDNN products",
+                       "gcnet NL, MKL products (bmm, SDPA)"}
             assert nl_rows <= set(names)
         assert all(row["fwd_ms"] > 0 and row["fb_ms"] > 0 for row in result["rows"])
         # The cases sharing weights (gcnet, its composite path, naive, timm) compute the same function.

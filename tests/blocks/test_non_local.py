@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from gcnet.blocks import NonLocal
+from gcnet.blocks import NonLocal, non_local
 from tests.blocks.reference import non_local_reference, randomize_
 from tests.blocks.shapes import gradcheck_block, sample
 
@@ -96,6 +96,7 @@ def test_onednn_attention_forward_and_backward_match_the_float64_formula(monkeyp
     _fused._onednn_matmul.cache_clear()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # the probe's first call may come under autocast
         assert _fused._onednn_matmul() is not None  # this torch's oneDNN matmul agrees with torch.mm
+    monkeypatch.setattr(_fused, "_ONEDNN_CHOICE", True)  # whatever this machine's probe found
     monkeypatch.setattr(_fused, "attention_blocks", lambda *shape: (1, rows))
     monkeypatch.setattr(_fused, "attention_rows", lambda *shape: rows)
     monkeypatch.setattr(_fused, "ONEDNN_ATTENTION_MIN_WORK", 0)
@@ -117,6 +118,52 @@ def test_onednn_attention_forward_and_backward_match_the_float64_formula(monkeyp
     assert not _fused.onednn_attention(q.double(), k, v)
     monkeypatch.setattr(_fused, "ONEDNN_ATTENTION_MIN_WORK", 20 * 10 * 4 + 1)  # one multiply-add short
     assert not _fused.onednn_attention(q, k, v)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*deprecated:FutureWarning")
+def test_onednn_products_follow_the_measured_speedup_unless_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from gcnet.blocks import _fused, onednn_products
+
+    probes = (_fused.onednn_speedup, _fused._onednn_matmul)
+    for probe in probes:
+        probe.cache_clear()
+    with FlopCounterMode(display=False) as flops:  # a first call inside a dispatch mode: not counted
+        assert _fused.onednn_speedup() > 0
+    assert flops.get_total_flops() == 0
+    for probe in probes:
+        probe.cache_clear()
+    graph = str(torch.jit.trace(lambda t: t * _fused.onednn_speedup(), torch.ones(2)).graph)  # nor traced
+    assert "aten::mm" not in graph and "linear_pointwise" not in graph and "aten::mul" in graph
+    x = torch.randn(2, 3)
+    for speedup, expected in ((1.0, False), (_fused.ONEDNN_MIN_SPEEDUP, True), (None, False)):
+        monkeypatch.setattr(_fused, "onednn_speedup", lambda value=speedup: value)
+        assert _fused.onednn_float32(x) is expected
+        for pinned in (True, False):
+            with onednn_products(pinned):
+                assert _fused.onednn_float32(x) is pinned
+                assert not _fused.onednn_float32(x.double())
+                assert not _fused.onednn_float32(x.to(torch.bfloat16))
+        assert _fused.onednn_float32(x) is expected
+    monkeypatch.setattr(_fused, "onednn_speedup", lambda: 2.0)
+    block, x = NonLocal(8, dims=2).float().train(), torch.randn(2, 8, 4, 4, requires_grad=True)
+    conv2d, calls = torch.nn.functional.conv2d, []
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # oneDNN's path: one thread keeps bmm below batch 16
+    try:
+        block(x).sum().backward()
+        assert not calls  # 2 * 16 positions * 8 * 4 channels: too few multiply-adds for oneDNN
+        monkeypatch.setattr(non_local, "ONEDNN_PROJECTION_MIN_WORK", 2 * 16 * 8 * 4)
+        block(x).sum().backward()
+        assert len(calls) == 4  # theta, phi, g, W_z
+        with onednn_products(False):
+            block(x).sum().backward()
+        assert len(calls) == 4
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_blockwise_attention_blocks_take_whole_samples_or_bands_that_grow_with_the_head_dim() -> None:
@@ -189,6 +236,8 @@ def test_float32_cpu_projections_and_attention_run_through_onednn_with_the_float
     conv2d, calls = torch.nn.functional.conv2d, []
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))
     monkeypatch.setattr(_fused, "ONEDNN_ATTENTION_MIN_WORK", 0)  # attention through oneDNN too
+    monkeypatch.setattr(_fused, "_ONEDNN_CHOICE", True)  # whatever this machine's probe found
+    monkeypatch.setattr(non_local, "ONEDNN_PROJECTION_MIN_WORK", 0)  # projections through oneDNN too
     products, mm_t = [], _fused._mm_t
     monkeypatch.setattr(_fused, "_mm_t", lambda a, b, onednn: products.append(onednn) or mm_t(a, b, onednn))
     threads = torch.get_num_threads()

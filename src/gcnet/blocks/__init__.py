@@ -1,6 +1,12 @@
 """Context blocks: GC and its three-step framework, SNL, SE and the non-local block."""
 
-from gcnet.blocks._fused import composite_autograd, fused_block_ends, native_kernels, native_kernels_available
+from gcnet.blocks._fused import (
+    composite_autograd,
+    fused_block_ends,
+    native_kernels,
+    native_kernels_available,
+    onednn_products,
+)
 from gcnet.blocks.factory import CONTEXT_BLOCKS, ContextFactory, get_context_block
 from gcnet.blocks.global_context import ContextTransform, GlobalContext
 from gcnet.blocks.non_local import NonLocal
@@ -20,4 +26,5 @@ __all__ = [
     "get_context_block",
     "native_kernels",
     "native_kernels_available",
+    "onednn_products",
 ]

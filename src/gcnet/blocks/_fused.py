@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
+import time
 from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+from torch.utils._python_dispatch import _disable_current_modes, is_in_torch_dispatch_mode
 
 from gcnet._machine import cache_sizes, last_level_cache_bytes
 
@@ -46,6 +48,7 @@ except ImportError:  # built only where setup.py could compile it
 _ENABLED = True
 _NATIVE_ENABLED = True
 _BLOCK_ENDS_FUSED = True
+_ONEDNN_CHOICE: bool | None = None
 
 
 @contextlib.contextmanager
@@ -620,11 +623,74 @@ _HAS_ONEDNN = torch.backends.mkldnn.is_available()
 
 
 def onednn_float32(*tensors: Tensor) -> bool:
-    """float32 CPU tensors, with oneDNN built and `torch.backends.mkldnn` enabled: where gcnet sends
-    products to oneDNN (AVX-512 on AMD CPUs, where MKL runs AVX2 code)."""
+    """float32 CPU tensors, with oneDNN built, `torch.backends.mkldnn` enabled and its products chosen
+    (`onednn_products`, or measured faster than MKL's here): where gcnet sends products to oneDNN."""
     if not (_HAS_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
         return False
-    return torch._C._get_mkldnn_enabled()
+    if not torch._C._get_mkldnn_enabled():
+        return False
+    if _ONEDNN_CHOICE is not None:
+        return _ONEDNN_CHOICE
+    speedup = onednn_speedup()
+    return speedup is not None and speedup >= ONEDNN_MIN_SPEEDUP
+
+
+@contextlib.contextmanager
+def onednn_products(enabled: bool | None) -> Iterator[None]:
+    """Inside this context, send the non-local block's float32 CPU products to oneDNN (True), keep them
+    on MKL's bmm and SDPA (False), or choose by `onednn_speedup` (None, the default outside).
+
+    MKL runs AVX2 code on AMD CPUs and oneDNN AVX-512, so there oneDNN's products take about half the
+    time; where both run the same instructions, the bmm / SDPA paths measured as fast or faster.
+    The two paths agree to float32 rounding; pin one for bitwise-repeatable runs across machines.
+    """
+    global _ONEDNN_CHOICE
+    previous, _ONEDNN_CHOICE = _ONEDNN_CHOICE, enabled
+    try:
+        yield
+    finally:
+        _ONEDNN_CHOICE = previous
+
+
+# oneDNN's products replace MKL's where its GEMM is at least this many times faster (Zen 5: ~2; where
+# both run the same ISA ~1, and at 1x64x128x128 the oneDNN attention gained only 1.07-1.15x on Zen 5).
+ONEDNN_MIN_SPEEDUP = 1.5
+
+
+@functools.cache
+def onednn_speedup() -> float | None:
+    """MKL's time over oneDNN's for one float32 512x256 @ 256x512 product, best of 5 each, measured once
+    per process (~5 ms): ~2 on AMD CPUs with AVX-512, ~1 where both run the same instructions. None
+    without oneDNN's matmul."""
+    matmul = _onednn_matmul()
+    if matmul is None:
+        return None
+    best = {"mkl": math.inf, "onednn": math.inf}
+    with _plain_eager():
+        generator = torch.Generator().manual_seed(0)
+        a, w = (torch.randn(512, 256, generator=generator) for _ in range(2))
+        w_t = w.t().contiguous()
+        runs = {"mkl": lambda: torch.mm(a, w_t), "onednn": lambda: matmul(a, w, None, "none", [], "")}
+        for repeat in range(7):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                if repeat >= 2:  # after two warm-up calls (oneDNN builds its kernel on the first)
+                    best[name] = min(best[name], time.perf_counter() - start)
+    return best["mkl"] / best["onednn"]
+
+
+@contextlib.contextmanager
+def _plain_eager() -> Iterator[None]:
+    """Plain float eager ops for a probe, though its first call may come under autocast, a dispatch mode
+    (e.g. the FLOP counter, which would count them) or torch.jit.trace (which would record them)."""
+    tracing = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        with _disable_current_modes(), torch.autocast("cpu", enabled=False), torch.no_grad():
+            yield
+    finally:
+        torch._C._set_tracing_state(tracing)
 
 
 @functools.cache
@@ -637,7 +703,7 @@ def _onednn_matmul() -> Callable[..., Tensor] | None:
     generator = torch.Generator().manual_seed(0)
     a, w = torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)
     try:
-        with torch.autocast("cpu", enabled=False), torch.no_grad():  # a first call may come under autocast
+        with _plain_eager():
             agrees = op is not None and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
     except (RuntimeError, TypeError):
         agrees = False
@@ -651,9 +717,9 @@ ONEDNN_ATTENTION_MIN_WORK = 1 << 23
 
 def onednn_attention(queries: Tensor, keys: Tensor, values: Tensor) -> bool:
     """Whether attention's products run through oneDNN's matmul rather than MKL (torch.mm, bmm, SDPA):
-    float32 CPU tensors, eagerly, with `torch.backends.mkldnn` enabled, and samples large enough. MKL
-    runs AVX2 code on AMD CPUs, oneDNN AVX-512: on Zen 5 the blockwise forward took about half of
-    SDPA's time (docs/benchmarks.md)."""
+    float32 CPU tensors, eagerly, where `onednn_float32` holds, and samples large enough. MKL runs
+    AVX2 code on AMD CPUs, oneDNN AVX-512: on Zen 5 the blockwise forward took about half of SDPA's
+    time (docs/benchmarks.md)."""
     if not _eager() or is_in_torch_dispatch_mode() or not onednn_float32(queries, keys, values):
         return False
     plain = all(type(t) is Tensor for t in (queries, keys, values))

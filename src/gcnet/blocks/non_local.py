@@ -45,18 +45,26 @@ SUBSAMPLE_KERNELS: dict[int, tuple[int, ...]] = {1: (2,), 2: (2, 2), 3: (1, 2, 2
 _MAX_POOLS = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 
 
-def _onednn(x: Tensor) -> bool:
-    """Whether the projections run as 1x1 convolutions: oneDNN's float32 kernels on CPU.
+# Multiply-adds of one projection (B * N * C * C') below which it keeps bmm: there oneDNN's convolution
+# costs more than it saves (Zen 5, 2 threads: 0.83-0.9x bmm's speed at 3M-6M, 0.96-1.2x at 13M).
+ONEDNN_PROJECTION_MIN_WORK = 1 << 24
+
+
+def _onednn(x: Tensor, inner_channels: int) -> bool:
+    """Whether the projections run as 1x1 convolutions: oneDNN's float32 kernels on CPU, where its
+    products are chosen (`gcnet.blocks.onednn_products`: by default where they measured faster).
 
     bmm goes to MKL, which runs AVX2 code on AMD CPUs: on an AVX-512 Zen 5 the convolutions took
     half the time (32x1024x14x14: 12-16 ms a projection against 29-30 ms; docs/benchmarks.md).
     torch sends a single thread's 1x1 convolutions of batches under 16 to its own GEMM path instead
-    (1-4% slower than bmm there): those keep bmm (a single thread's traces too), as does torch.compile
-    (its graph chooses kernels).
+    (1-4% slower than bmm there): those keep bmm, as do small projections, torch.compile (its graph
+    chooses kernels) and traces (their graphs outlive this machine's choice, as the attention's do).
     """
-    if torch.jit.is_scripting() or torch.compiler.is_compiling() or not onednn_float32(x):
+    if torch.jit.is_scripting() or torch.compiler.is_compiling() or torch._C._is_tracing():
         return False
-    return torch.get_num_threads() > 1 or (not torch._C._is_tracing() and x.shape[0] >= 16)
+    if not onednn_float32(x) or x.numel() * inner_channels < ONEDNN_PROJECTION_MIN_WORK:
+        return False
+    return torch.get_num_threads() > 1 or x.shape[0] >= 16
 
 
 def _project(positions: Tensor, layer: nn.Linear, conv: bool = False) -> Tensor:
@@ -85,8 +93,9 @@ def _blockwise_backward_pays(x: Tensor, queries: Tensor) -> bool:
 class NonLocal(nn.Module):
     """Non-local block: every position attends to every (optionally sub-sampled) position.
 
-    The softmax modes run through `scaled_dot_product_attention` (on CPU in float32, through oneDNN's
-    matmul in bands of query rows: `_fused.onednn_attention`) and the dot-product mode as
+    The softmax modes run through `scaled_dot_product_attention` (on CPU in float32 where oneDNN's
+    products pay, through its matmul in bands of query rows: `gcnet.blocks.onednn_products`) and the
+    dot-product mode as
     theta (phi^T g) / N, so neither materialises the N x N matrix; `attention_map` builds it on
     request for analysis. The concatenation mode needs the matrix of scalars f_ij. The BatchNorm
     after W_z starts with weight and bias zero, so the block is the identity at initialisation.
@@ -193,7 +202,7 @@ class NonLocal(nn.Module):
                     f"got {tuple(x.shape[2:])}"
                 )
         positions = x.flatten(2).transpose(1, 2)  # (B, N, C), a view in NCHW or channels_last memory
-        conv = _onednn(x)
+        conv = _onednn(x, self.inner_channels)
         if conv:
             positions = positions.contiguous()  # one copy of an NCHW x for every projection
         if self.subsample and self.subsample_at == "input":
@@ -251,7 +260,7 @@ class NonLocal(nn.Module):
             weights = F.relu(self._concat_logits(queries, keys)) / keys.shape[1]  # (B, N, Nk)
             y = torch.bmm(weights, values)
         B, C = x.shape[:2]
-        if _onednn(x):
+        if _onednn(x, self.inner_channels):
             # oneDNN on (B, C', N) rows: its channels-last output would need a copy for BN and the add.
             rows = y.transpose(1, 2).contiguous().unsqueeze(-1)  # (B, C', N, 1)
             out = F.conv2d(rows, self.w_z.weight[:, :, None, None], self.w_z.bias).view(B, C, y.shape[1])
