@@ -191,9 +191,12 @@ class NonLocal(nn.Module):
         pooled = _MAX_POOLS[self.dims](spatial, kernel, kernel)  # (B, D, *pooled)
         return pooled.flatten(2).transpose(1, 2).contiguous()  # (B, Nk, D)
 
-    def _embed(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Queries (B, N, D), keys (B, Nk, D) and values (B, Nk, C') of the pairwise function."""
+    def _check(self, x: Tensor) -> None:
         check_input(type(self).__name__, x, self.channels, (self.dims + 2,))
+
+    def _embed(self, x: Tensor, conv: bool) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries (B, N, D), keys (B, Nk, D) and values (B, Nk, C') of the pairwise function; with
+        `conv`, projected by oneDNN's 1x1 convolutions. x is checked by the caller."""
         if self.subsample and not torch.jit.is_tracing():
             kernel = SUBSAMPLE_KERNELS[self.dims]
             if any(size < k for size, k in zip(x.shape[2:], kernel)):
@@ -202,7 +205,6 @@ class NonLocal(nn.Module):
                     f"got {tuple(x.shape[2:])}"
                 )
         positions = x.flatten(2).transpose(1, 2)  # (B, N, C), a view in NCHW or channels_last memory
-        conv = _onednn(x, self.inner_channels)
         if conv:
             positions = positions.contiguous()  # one copy of an NCHW x for every projection
         if self.subsample and self.subsample_at == "input":
@@ -229,7 +231,8 @@ class NonLocal(nn.Module):
 
     def attention_map(self, x: Tensor) -> Tensor:
         """Normalised pairwise weights f(x_i, x_j) / C(x), (B, N, Nk); rows of the softmax modes sum to 1."""
-        queries, keys, _ = self._embed(x)
+        self._check(x)
+        queries, keys, _ = self._embed(x, _onednn(x, self.inner_channels))
         if self.mode in SOFTMAX_MODES:
             return self._softmax_weights(queries, keys)
         if self.mode == "dot_product":
@@ -237,7 +240,9 @@ class NonLocal(nn.Module):
         return F.relu(self._concat_logits(queries, keys)) / keys.shape[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        queries, keys, values = self._embed(x)
+        self._check(x)
+        conv = _onednn(x, self.inner_channels)
+        queries, keys, values = self._embed(x, conv)
         onednn = self.mode in SOFTMAX_MODES and onednn_attention(queries, keys, values)
         blockwise = fused_enabled(x, *self.parameters()) and (onednn or _blockwise_backward_pays(x, queries))
         if self.mode in SOFTMAX_MODES and blockwise:
@@ -260,7 +265,7 @@ class NonLocal(nn.Module):
             weights = F.relu(self._concat_logits(queries, keys)) / keys.shape[1]  # (B, N, Nk)
             y = torch.bmm(weights, values)
         B, C = x.shape[:2]
-        if _onednn(x, self.inner_channels):
+        if conv:
             # oneDNN on (B, C', N) rows: its channels-last output would need a copy for BN and the add.
             rows = y.transpose(1, 2).contiguous().unsqueeze(-1)  # (B, C', N, 1)
             out = F.conv2d(rows, self.w_z.weight[:, :, None, None], self.w_z.bias).view(B, C, y.shape[1])
