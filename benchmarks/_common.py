@@ -243,6 +243,20 @@ def memory_in_subprocesses(module: str, specs: Sequence[str], workers: int = 2) 
     return results
 
 
+def run_script(module: str, args: Sequence[str], caller: str, src: str | None = None) -> str:
+    """The printed output of `python -m module args` in a fresh process from the repository root
+    (with `src`'s gcnet ahead of any installed one); exits naming `caller` and the error if it fails."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (src, root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "PYTHONPATH": path}
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=root, env=env, capture_output=True,
+                          text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"{caller}: {module} {' '.join(args)} failed ({src or 'this checkout'}):\n"
+                         f"{done.stderr[-2000:]}")
+    return done.stdout
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A GitHub markdown table."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]

@@ -16,7 +16,6 @@ benchmark scripts, so that only the library differs. Each round runs both sides 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -24,6 +23,7 @@ import tempfile
 from pathlib import Path
 
 from benchmarks import summarize
+from benchmarks._common import run_script
 from gcnet.engine.checkpoint import atomic_write
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,17 +43,6 @@ def checkout(rev: str, into: Path, build: bool) -> Path:
         if not list((into / "src" / "gcnet").glob("_C*.so")):
             raise SystemExit(f"benchmarks.compare: {rev}'s CPU kernels did not build (`setup.py build_ext`)")
     return into / "src"
-
-
-def run_blocks(src: Path, args: list[str]) -> str:
-    """The printed output of benchmarks.blocks with `src`'s gcnet ahead of any installed one."""
-    path = os.pathsep.join([str(src), str(ROOT), os.environ.get("PYTHONPATH", "")])
-    env = {**os.environ, "PYTHONPATH": path}
-    done = subprocess.run([sys.executable, "-m", "benchmarks.blocks", *args], cwd=ROOT, env=env,
-                          capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        raise SystemExit(f"benchmarks.compare: benchmarks.blocks failed with {src}:\n{done.stderr[-2000:]}")
-    return done.stdout
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
@@ -90,7 +79,8 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
         for index in range(1, args.runs + 1):
             for mode in modes:
                 for side, src in sides.items():
-                    output = run_blocks(src, blocks_args + (["--warm-cache"] if mode == "warm" else []))
+                    mode_args = blocks_args + (["--warm-cache"] if mode == "warm" else [])
+                    output = run_script("benchmarks.blocks", mode_args, "benchmarks.compare", str(src))
                     text += f"\n## Run {index}, {mode}, {side}\n\n{output}"
                     atomic_write(args.out, lambda tmp, text=text: tmp.write_text(text))  # each run kept
                     print(f"run {index}, {mode}, {side}: done", flush=True)
