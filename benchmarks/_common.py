@@ -84,10 +84,11 @@ def environment() -> dict[str, str]:
         "torch": torch.__version__,
         "threads": str(torch.get_num_threads()),
     }
-    from gcnet.blocks import native_kernels_available
+    from gcnet.blocks import _fused, native_kernels_available
 
     info["gcnet CPU kernels"] = "built" if native_kernels_available() else "not built (PyTorch paths)"
-    info["oneDNN GEMM"] = onednn_choice()
+    describe = getattr(_fused, "describe_onednn_products", None)  # absent in an older gcnet (compare)
+    info["NL products"] = describe() if describe is not None else "not probed by this gcnet"
     try:
         import timm
 
@@ -95,20 +96,6 @@ def environment() -> dict[str, str]:
     except ImportError:
         info["timm"] = "not installed"
     return info
-
-
-def onednn_choice() -> str:
-    """The NL block's product path here and why: oneDNN's GEMM speed over MKL's, as gcnet probed it."""
-    from gcnet.blocks import _fused
-
-    probe = getattr(_fused, "onednn_speedup", None)
-    if probe is None:  # an older gcnet under benchmarks.compare
-        return "not probed by this gcnet"
-    speedup = probe() if torch.backends.mkldnn.is_available() else None
-    if speedup is None:
-        return "unavailable (NL products: MKL)"
-    chosen = "oneDNN" if speedup >= _fused.ONEDNN_MIN_SPEEDUP else "MKL"
-    return f"{speedup:.2f}x MKL's (NL products: {chosen})"
 
 
 @dataclass

@@ -125,7 +125,7 @@ def test_onednn_attention_forward_and_backward_match_the_float64_formula(monkeyp
 def test_onednn_products_follow_the_measured_speedup_unless_pinned(monkeypatch: pytest.MonkeyPatch) -> None:
     from torch.utils.flop_counter import FlopCounterMode
 
-    from gcnet.blocks import _fused, onednn_products
+    from gcnet.blocks import _fused, describe_onednn_products, onednn_products
 
     probes = (_fused.onednn_speedup, _fused._onednn_matmul)
     for probe in probes:
@@ -148,6 +148,17 @@ def test_onednn_products_follow_the_measured_speedup_unless_pinned(monkeypatch: 
                 assert not _fused.onednn_float32(x.to(torch.bfloat16))
         assert _fused.onednn_float32(x) is expected
     monkeypatch.setattr(_fused, "onednn_speedup", lambda: 2.0)
+    assert describe_onednn_products() == "oneDNN (oneDNN's GEMM ran 2.00x MKL's speed here)"
+    deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)  # as torch's cudnn.benchmark, no timed choice there
+    try:
+        assert not _fused.onednn_float32(x)
+        assert describe_onednn_products() == "MKL (deterministic algorithms: not timed)"
+        with onednn_products(True):
+            assert _fused.onednn_float32(x)
+            assert describe_onednn_products() == "oneDNN (pinned by onednn_products)"
+    finally:
+        torch.use_deterministic_algorithms(deterministic)
     block, x = NonLocal(8, dims=2).float().train(), torch.randn(2, 8, 4, 4, requires_grad=True)
     conv2d, calls = torch.nn.functional.conv2d, []
     monkeypatch.setattr(torch.nn.functional, "conv2d", lambda *a, **k: calls.append(1) or conv2d(*a, **k))

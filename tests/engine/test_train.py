@@ -7,6 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from gcnet.blocks import NonLocal
 from gcnet.data import CorruptFileError
 from gcnet.builder import train
 from gcnet.config import config_from_dict
@@ -202,12 +203,29 @@ def test_a_run_trained_on_cuda_in_fp16_evaluates_on_a_cpu_only_machine(
                             model=TinyNet())
 
 
-def test_deterministic_run_repeats_and_restores_the_callers_setting(images: Path, tmp_path: Path) -> None:
+class NonLocalNet(TinyNet):
+    """TinyNet with a non-local block after its first layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.nl = NonLocal(8, dims=2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.nl(self.bn1(self.conv1(x)).relu())
+        return self.fc(self.bn2(self.conv2(x)).relu().mean(dim=(2, 3)))
+
+
+def test_deterministic_run_repeats_and_restores_the_callers_setting(
+    images: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     config = image_config(images, tmp_path / "a", train={"epochs": 1, "deterministic": True})
-    first = train(config_from_dict(config), model=lambda c: TinyNet())
+    with caplog.at_level(logging.INFO):
+        first = train(config_from_dict(config), model=lambda c: NonLocalNet())
+    # The log names the non-local blocks' product path; a timed choice would not be repeatable.
+    assert "non-local blocks' float32 products: MKL (deterministic algorithms: not timed)" in caplog.text
     assert not torch.are_deterministic_algorithms_enabled()
     config["train"]["out_dir"] = str(tmp_path / "b")
-    assert train(config_from_dict(config), model=lambda c: TinyNet()).step_losses == first.step_losses
+    assert train(config_from_dict(config), model=lambda c: NonLocalNet()).step_losses == first.step_losses
 
 
 class InfiniteStatistics(TinyNet):

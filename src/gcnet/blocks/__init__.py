@@ -2,6 +2,7 @@
 
 from gcnet.blocks._fused import (
     composite_autograd,
+    describe_onednn_products,
     fused_block_ends,
     native_kernels,
     native_kernels_available,
@@ -22,6 +23,7 @@ __all__ = [
     "SimplifiedNonLocal",
     "SqueezeExcite",
     "composite_autograd",
+    "describe_onednn_products",
     "fused_block_ends",
     "get_context_block",
     "native_kernels",

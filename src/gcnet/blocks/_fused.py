@@ -627,18 +627,35 @@ def onednn_float32(*tensors: Tensor) -> bool:
     (`onednn_products`, or measured faster than MKL's here): where gcnet sends products to oneDNN."""
     if not (_HAS_ONEDNN and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)):
         return False
-    if not torch._C._get_mkldnn_enabled():
-        return False
+    return _onednn_choice()[0]
+
+
+def _onednn_choice() -> tuple[bool, str]:
+    """(whether oneDNN's products are chosen here, why)."""
+    if not (_HAS_ONEDNN and torch._C._get_mkldnn_enabled()):
+        return False, "oneDNN off"
     if _ONEDNN_CHOICE is not None:
-        return _ONEDNN_CHOICE
+        return _ONEDNN_CHOICE, "pinned by onednn_products"
+    if torch.are_deterministic_algorithms_enabled():  # as torch turns cudnn.benchmark off there
+        return False, "deterministic algorithms: not timed"
     speedup = onednn_speedup()
-    return speedup is not None and speedup >= ONEDNN_MIN_SPEEDUP
+    if speedup is None:
+        return False, "no oneDNN matmul in this torch"
+    return speedup >= ONEDNN_MIN_SPEEDUP, f"oneDNN's GEMM ran {speedup:.2f}x MKL's speed here"
+
+
+def describe_onednn_products() -> str:
+    """Which library runs the non-local block's float32 CPU products here, and why, e.g.
+    "oneDNN (oneDNN's GEMM ran 1.86x MKL's speed here)": for logs and benchmark headers."""
+    chosen, why = _onednn_choice()
+    return f"{'oneDNN' if chosen else 'MKL'} ({why})"
 
 
 @contextlib.contextmanager
 def onednn_products(enabled: bool | None) -> Iterator[None]:
     """Inside this context, send the non-local block's float32 CPU products to oneDNN (True), keep them
-    on MKL's bmm and SDPA (False), or choose by `onednn_speedup` (None, the default outside).
+    on MKL's bmm and SDPA (False), or choose by `onednn_speedup` (None, the default outside; under
+    torch.use_deterministic_algorithms nothing is timed and MKL's products run unless pinned).
 
     MKL runs AVX2 code on AMD CPUs and oneDNN AVX-512, so there oneDNN's products take about half the
     time; where both run the same instructions, the bmm / SDPA paths measured as fast or faster.

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gcnet._machine import preloaded_allocator, retain_freed_memory
+from gcnet.blocks import NonLocal, describe_onednn_products
 from gcnet.config import Config, ConfigError, config_from_dict
 from gcnet.data.sampling import MicroBatchSampler, SeededDataset
 from gcnet.engine import distributed
@@ -347,6 +348,8 @@ class _Loop:
         logger.info("%s: %d trainable parameters, %d training samples, %d steps/epoch of %d (x%d accumulation) "
                     "on %d process(es)", self.config.model.name, self.result.parameters, len(self.parts.train_set),
                     self.parts.steps_per_epoch, self.config.data.batch_size, tc.accumulation_steps, ctx.world_size)
+        if ctx.device.type == "cpu" and any(isinstance(m, NonLocal) for m in self.model.modules()):
+            logger.info("non-local blocks' float32 products: %s", describe_onednn_products())
         throughputs = []
         ran_epochs = False
         try:
