@@ -659,7 +659,7 @@ def onednn_products(enabled: bool | None) -> Iterator[None]:
 
     MKL runs AVX2 code on AMD CPUs and oneDNN AVX-512, so there oneDNN's products take about half the
     time; where both run the same instructions, the bmm / SDPA paths measured as fast or faster.
-    The two paths agree to float32 rounding; pin one for bitwise-repeatable runs across machines.
+    The two paths agree to float32 rounding; pin one where every machine of a run must take the same.
     """
     global _ONEDNN_CHOICE
     previous, _ONEDNN_CHOICE = _ONEDNN_CHOICE, enabled
@@ -677,8 +677,8 @@ ONEDNN_MIN_SPEEDUP = 1.5
 @functools.cache
 def onednn_speedup() -> float | None:
     """MKL's time over oneDNN's for one float32 512x256 @ 256x512 product, best of 5 each, measured once
-    per process (~5 ms): ~2 on AMD CPUs with AVX-512, ~1 where both run the same instructions. None
-    without oneDNN's matmul."""
+    per process (~15 ms with oneDNN's first kernel build): ~2 on AMD CPUs with AVX-512, ~1 where both
+    run the same instructions. None without oneDNN's matmul."""
     matmul = _onednn_matmul()
     if matmul is None:
         return None
