@@ -5,11 +5,11 @@
 
 A round runs the GC suite of `benchmarks.blocks` with caches evicted and warm, its NL suite at the
 two NL target shapes (peak memory in round 1 only) and `benchmarks.models` at batch 8, each in a
-fresh process (about 6 minutes a round on 2 Zen 5 cores). Every run's output is added to `--out`
+fresh process (under 3 minutes a round on 2 Zen 5 cores). Every run's output is added to `--out`
 under "## Run i, <part>" as it ends (atomically); started again with the same `--out`, the script
-skips the runs already there, so a session that ends mid-way loses nothing. The verdicts take the
-median and range over the rounds, per cache mode, as docs/benchmarks.md states its targets ("met":
-the median meets the target).
+skips the runs already there, so a session that ends mid-way loses nothing (one machine per file).
+The verdicts take the median and range over the rounds, per cache mode, as docs/benchmarks.md states
+its targets ("met": the median meets the target).
 """
 
 from __future__ import annotations
