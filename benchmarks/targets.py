@@ -7,9 +7,9 @@ A round runs the GC suite of `benchmarks.blocks` with caches evicted and warm, i
 two NL target shapes (peak memory in round 1 only) and `benchmarks.models` at batch 8, each in a
 fresh process (under 3 minutes a round on 2 Zen 5 cores). Every run's output is added to `--out`
 under "## Run i, <part>" as it ends (atomically); started again with the same `--out`, the script
-skips the runs already there, so a session that ends mid-way loses nothing (one machine per file).
-The verdicts take the median and range over the rounds, per cache mode, as docs/benchmarks.md states
-its targets ("met": the median meets the target).
+skips the runs already there, so a session that ends mid-way loses nothing (one machine per file:
+another machine's file is refused). The verdicts take the median and range over the rounds, per
+cache mode, as docs/benchmarks.md states its targets ("met": the median meets the target).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import blocks, summarize
-from benchmarks._common import markdown_table, run_script
+from benchmarks._common import environment, markdown_table, run_script
 from benchmarks.blocks import shape_name
 from gcnet.engine.checkpoint import atomic_write
 
@@ -86,6 +86,24 @@ def run_plan(rounds: int, quick: bool) -> list[tuple[str, str, list[str]]]:
                 args += ["--no-memory"]
             plan.append((f"Run {index}, {part}", "benchmarks.blocks", args))
     return plan
+
+
+MACHINE_KEYS = ("cpu", "isa", "caches")
+
+
+def this_machine() -> str:
+    """CPU model, ISA and caches as the benchmark headers print them."""
+    info = environment()
+    return " | ".join(f"{key}: {info[key]}" for key in MACHINE_KEYS)
+
+
+def recorded_machine(text: str) -> str | None:
+    """The machine of the first run in `text` (its header line), or None before any run."""
+    for line in text.splitlines():
+        if line.startswith("cpu: "):
+            fields = dict(part.split(": ", 1) for part in line.split(" | ") if ": " in part)
+            return " | ".join(f"{key}: {fields.get(key, '?')}" for key in MACHINE_KEYS)
+    return None
 
 
 def cell_values(cell: str) -> list[float]:
@@ -163,6 +181,10 @@ def main(argv: list[str] | None = None) -> list[list[str]]:
     args.extra = ["--threads", str(args.threads)] + ["--system-allocator"] * args.system_allocator
     text = args.out.read_text() if args.out.is_file() else (
         f"# Issue 16's targets: `python -m benchmarks.targets --runs {args.runs}`\n")
+    here, before = this_machine(), recorded_machine(text)
+    if before is not None and before != here:
+        raise SystemExit(f"benchmarks.targets: {args.out} holds runs of another machine ({before}); "
+                         f"this is {here}: give another --out")
     done = set(re.findall(r"^## (.+)$", text, flags=re.MULTILINE))
     for heading, module, script_args in run_plan(args.runs, args.quick):
         if heading in done:

@@ -56,6 +56,7 @@ def test_runs_are_kept_as_they_end_and_a_second_start_makes_only_the_missing_one
         return f"output of {module}\n"
 
     monkeypatch.setattr(targets, "run_script", fake)
+    monkeypatch.setattr(targets, "this_machine", lambda: "cpu: A | isa: AVX2 | caches: L2 512K")
     with pytest.raises(SystemExit, match="interrupted"):
         targets.main(["--out", str(out), "--runs", "2"])
     assert out.read_text().count("## Run 1, ") == 2  # the two runs that ended
@@ -65,6 +66,10 @@ def test_runs_are_kept_as_they_end_and_a_second_start_makes_only_the_missing_one
     assert len(calls) == 2 * len(targets.PARTS) - 2
     headings = [line for line in out.read_text().splitlines() if line.startswith("## ")]
     assert headings == [f"## Run {i}, {part}" for i in (1, 2) for part in targets.PARTS]
+    header = "cpu: B (2 logical cores) | isa: AVX512 | caches: L2 2048K | python: 3.11"
+    out.write_text(out.read_text().replace("done", header, 1))
+    with pytest.raises(SystemExit, match=r"another machine \(cpu: B \(2 logical cores\) \| isa: AVX512"):
+        targets.main(["--out", str(out), "--runs", "3"])  # a third round, but the file is another machine's
     nl = [args for args in calls if "nl" in args]
     assert "--no-memory" not in nl[0] and "--no-memory" in nl[1]  # peak memory in round 1 only
     assert all(args[-2:] == ["--threads", "2"] for args in calls)
