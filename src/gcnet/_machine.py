@@ -10,14 +10,23 @@ import torch
 
 
 def cpu_model() -> str:
-    """The CPU's model name (/proc/cpuinfo), or what `platform` knows elsewhere."""
+    """The CPU's model name with its family and model numbers (/proc/cpuinfo), e.g. "AMD EPYC (family 26,
+    model 2)": VMs often report a bare "AMD EPYC" for Zen 3 and Zen 5 alike. Elsewhere what `platform`
+    knows."""
     try:
+        fields: dict[str, str] = {}
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
+            key, _, value = line.partition(":")
+            if not key.strip():
+                break  # the end of CPU 0
+            fields.setdefault(key.strip(), value.strip())
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        fields = {}
+    if "model name" not in fields:
+        return platform.processor() or platform.machine()
+    numbers = [f"{name} {fields[key]}" for key, name in (("cpu family", "family"), ("model", "model"))
+               if key in fields]
+    return fields["model name"] + (f" ({', '.join(numbers)})" if numbers else "")
 
 
 def cpu_isa() -> str:

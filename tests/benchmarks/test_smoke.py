@@ -2,6 +2,7 @@
 
 import json
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -167,6 +168,8 @@ def test_the_header_names_the_machine() -> None:
     if platform.system() == "Linux":
         assert "L1d" in info["caches"] or info["caches"] == "unknown"
     assert "logical cores" in info["cpu"]
+    if platform.machine() == "x86_64" and platform.system() == "Linux":  # family and model tell Zen 3 from 5
+        assert re.search(r"\(family \d+, model \d+\)", info["cpu"]), info["cpu"]
 
 
 def test_allocator_benchmark_runs_each_allocator_in_its_own_process() -> None:
