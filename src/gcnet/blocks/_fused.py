@@ -52,18 +52,23 @@ _ONEDNN_CHOICE: bool | None = None
 
 
 @contextlib.contextmanager
-def composite_autograd() -> Iterator[None]:
+def _module_setting(name: str, value: object) -> Iterator[None]:
+    """This module's global `name` set to `value` inside the context, restored after."""
+    settings = globals()
+    previous, settings[name] = settings[name], value
+    try:
+        yield
+    finally:
+        settings[name] = previous
+
+
+def composite_autograd() -> contextlib.AbstractContextManager[None]:
     """Run the blocks on their plain composite autograd path inside this context.
 
     The fast paths' backward cannot itself be differentiated; use this for double backward
     (gradient penalties, higher-order gradients). Benchmarks also use it to compare the two.
     """
-    global _ENABLED
-    previous, _ENABLED = _ENABLED, False
-    try:
-        yield
-    finally:
-        _ENABLED = previous
+    return _module_setting("_ENABLED", False)
 
 
 def composite_requested() -> bool:
@@ -112,28 +117,16 @@ def native_kernels_available() -> bool:
     return _native is not None
 
 
-@contextlib.contextmanager
-def native_kernels(enabled: bool) -> Iterator[None]:
+def native_kernels(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Allow (True) or forbid (False) the CPU kernels inside this context, e.g. to compare paths."""
-    global _NATIVE_ENABLED
-    previous, _NATIVE_ENABLED = _NATIVE_ENABLED, enabled
-    try:
-        yield
-    finally:
-        _NATIVE_ENABLED = previous
+    return _module_setting("_NATIVE_ENABLED", enabled)
 
 
-@contextlib.contextmanager
-def fused_block_ends(enabled: bool) -> Iterator[None]:
+def fused_block_ends(enabled: bool) -> contextlib.AbstractContextManager[None]:
     """Fuse (True, default) or not (False) a residual block's end, ReLU(context(out) + identity),
     inside this context: the unfused three ops compute the same numbers; benchmarks compare the two.
     """
-    global _BLOCK_ENDS_FUSED
-    previous, _BLOCK_ENDS_FUSED = _BLOCK_ENDS_FUSED, enabled
-    try:
-        yield
-    finally:
-        _BLOCK_ENDS_FUSED = previous
+    return _module_setting("_BLOCK_ENDS_FUSED", enabled)
 
 
 def block_ends_fused() -> bool:
@@ -651,8 +644,7 @@ def describe_onednn_products() -> str:
     return f"{'oneDNN' if chosen else 'MKL'} ({why})"
 
 
-@contextlib.contextmanager
-def onednn_products(enabled: bool | None) -> Iterator[None]:
+def onednn_products(enabled: bool | None) -> contextlib.AbstractContextManager[None]:
     """Inside this context, send the non-local block's float32 CPU products to oneDNN (True), keep them
     on MKL's bmm and SDPA (False), or choose by `onednn_speedup` (None, the default outside; under
     torch.use_deterministic_algorithms nothing is timed and MKL's products run unless pinned).
@@ -661,12 +653,7 @@ def onednn_products(enabled: bool | None) -> Iterator[None]:
     time; where both run the same instructions, the bmm / SDPA paths measured as fast or faster.
     The two paths agree to float32 rounding; pin one where every machine of a run must take the same.
     """
-    global _ONEDNN_CHOICE
-    previous, _ONEDNN_CHOICE = _ONEDNN_CHOICE, enabled
-    try:
-        yield
-    finally:
-        _ONEDNN_CHOICE = previous
+    return _module_setting("_ONEDNN_CHOICE", enabled)
 
 
 # oneDNN's products replace MKL's where its GEMM is at least this many times faster (Zen 5: ~2; where
@@ -717,10 +704,10 @@ def _onednn_matmul() -> Callable[..., Tensor] | None:
     if not _HAS_ONEDNN:
         return None
     op = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    generator = torch.Generator().manual_seed(0)
-    a, w = torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)
     try:
         with _plain_eager():
+            generator = torch.Generator().manual_seed(0)
+            a, w = torch.randn(5, 7, generator=generator), torch.randn(3, 7, generator=generator)
             agrees = op is not None and torch.allclose(op(a, w, None, "none", [], ""), a @ w.t(), atol=1e-5)
     except (RuntimeError, TypeError):
         agrees = False

@@ -29,10 +29,15 @@ def autocast(device: torch.device, precision: str) -> contextlib.AbstractContext
     return torch.autocast(device.type, dtype=dtype)
 
 
+def channels_last_format(t: Tensor) -> torch.memory_format | None:
+    """channels_last for a 4-d tensor, channels_last_3d for a 5-d one, None for other ranks."""
+    return {4: torch.channels_last, 5: torch.channels_last_3d}.get(t.dim())
+
+
 def to_device(x: Tensor, device: torch.device, channels_last: bool) -> Tensor:
     """Move a batch, in channels_last (4-d) or channels_last_3d (5-d) layout when asked."""
-    if channels_last and x.dim() in (4, 5):
-        fmt = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
+    fmt = channels_last_format(x) if channels_last else None
+    if fmt is not None:
         return x.to(device, memory_format=fmt, non_blocking=True)
     return x.to(device, non_blocking=True)
 
@@ -42,9 +47,8 @@ def to_channels_last(model: nn.Module) -> nn.Module:
     layouts of `to_device`'s batches (Module.to takes one memory format, which fails on the other rank)."""
 
     def convert(t: Tensor) -> Tensor:
-        if t.dim() in (4, 5):
-            return t.contiguous(memory_format=torch.channels_last if t.dim() == 4 else torch.channels_last_3d)
-        return t
+        fmt = channels_last_format(t)
+        return t if fmt is None else t.contiguous(memory_format=fmt)
 
     return model._apply(convert)
 
