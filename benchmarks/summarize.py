@@ -17,6 +17,7 @@ import argparse
 import re
 import statistics
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from benchmarks._common import markdown_table
@@ -60,18 +61,23 @@ def summary_tables(text: str) -> list[tuple[list[str], list[list[str]]]]:
 Shapes = dict[str, dict[str, list[list[float]]]]  # shape -> column -> per run, the ratios of that cell
 
 
-def collect(paths: list[Path]) -> dict[tuple[str, tuple[str, ...]], Shapes]:
-    """(group, table header) -> the ratios of every run in that group."""
+def ratios(cell: str) -> list[float]:
+    """The ratios of a summary cell: "1.28x (1.22-1.35)" a median and its interval, "1.50x, 1.76x" two."""
+    return [float(v) for v in _NUMBER.findall(re.sub(r"\(.*?\)", "", cell))]
+
+
+def collect(texts: Iterable[str], parse: Callable[[str], list[float]] = ratios
+            ) -> dict[tuple[str, tuple[str, ...]], Shapes]:
+    """(group, table header) -> the values `parse` finds in each cell of every run in that group."""
     groups: dict[tuple[str, tuple[str, ...]], Shapes] = {}
-    for path in paths:
-        for group, body in sections(path.read_text()):
+    for text in texts:
+        for group, body in sections(text):
             for header, rows in summary_tables(body):
                 shapes = groups.setdefault((group, tuple(header)), {})
                 for row in rows:
                     cells = shapes.setdefault(row[0], {})
                     for column, cell in zip(header[1:], row[1:]):
-                        # "1.28x (1.22-1.35)": a median and its interval; "1.50x, 1.76x": two ratios.
-                        values = [float(v) for v in _NUMBER.findall(re.sub(r"\(.*?\)", "", cell))]
+                        values = parse(cell)
                         if values:
                             cells.setdefault(column, []).append(values)
     return groups
@@ -99,7 +105,7 @@ def main(argv: list[str] | None = None) -> dict[str, list[list[str]]]:
     if missing:
         raise SystemExit(f"benchmarks.summarize: no such file: {', '.join(missing)}")
     tables = {}
-    for (group, header), shapes in collect(args.paths).items():
+    for (group, header), shapes in collect(p.read_text() for p in args.paths).items():
         runs = max(len(r) for columns in shapes.values() for r in columns.values())
         rows = [[shape, *(describe(columns[c], args.each) if c in columns else "-" for c in header[1:])]
                 for shape, columns in shapes.items()]

@@ -62,7 +62,6 @@ TARGETS = (
     Target("R50 + GC r16 (c3-c5) train step <= 1.05x R50", "models", "train", ("batch 8",), 1.05),
 )
 
-_NUMBER = re.compile(r"(\d+(?:\.\d+)?)x")
 _PERCENT = re.compile(r"\((\d+(?:\.\d+)?)%\)")
 
 
@@ -107,24 +106,15 @@ def recorded_machine(text: str) -> str | None:
 
 
 def cell_values(cell: str) -> list[float]:
-    """The ratios of a summary cell ("1.28x (1.22-1.35)", "1.50x, 1.76x"), or its percentages."""
-    percents = _PERCENT.findall(cell)
-    if percents:
-        return [float(v) for v in percents]
-    return [float(v) for v in _NUMBER.findall(re.sub(r"\(.*?\)", "", cell))]
+    """The percentages of a summary cell (NL's peaks: "74 MiB (3.6%), ..."), else its ratios."""
+    return [float(v) for v in _PERCENT.findall(cell)] or summarize.ratios(cell)
 
 
 def blocks_values(text: str) -> dict[tuple[str, str, str], list[list[float]]]:
     """(cache mode and suite, column, shape) -> each run's values, from the runs' summary tables."""
-    found: dict[tuple[str, str, str], list[list[float]]] = {}
-    for group, body in summarize.sections(text):
-        for header, rows in summarize.summary_tables(body):
-            for row in rows:
-                for column, cell in zip(header[1:], row[1:]):
-                    values = cell_values(cell)
-                    if values:
-                        found.setdefault((group, column, row[0]), []).append(values)
-    return found
+    return {(group, column, shape): runs
+            for (group, _), shapes in summarize.collect([text], cell_values).items()
+            for shape, columns in shapes.items() for column, runs in columns.items()}
 
 
 def models_values(text: str) -> dict[str, list[float]]:
@@ -133,8 +123,8 @@ def models_values(text: str) -> dict[str, list[float]]:
     for line in text.splitlines():
         if line.startswith("| ResNet-50 + GC r16"):
             cells = [c.strip() for c in line.strip().strip("|").split("|")]
-            found["train"].append(float(_NUMBER.findall(cells[3])[0]))
-            found["inference"].append(float(_NUMBER.findall(cells[5])[0]))
+            found["train"].append(summarize.ratios(cells[3])[0])
+            found["inference"].append(summarize.ratios(cells[5])[0])
     return found
 
 
