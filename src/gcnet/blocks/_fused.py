@@ -175,13 +175,14 @@ _MIN_ROW_BYTES = 1024
 def positions_per_block(positions: Tensor, pooling: bool = False) -> int:
     """Positions the kernels take at a time from one sample of (B, C, N), from this machine's caches.
 
-    A block is read twice in a row (logits, then the weighted sum, or grad_x); the second read must
+    A block is read twice in a row (logits, then the weighted sum, or grad_w); the second read must
     find it in cache. Channels-last blocks are contiguous and sized to half of L2. NCHW blocks cut
     every channel row, and rows cut short defeat the hardware prefetcher: a whole sample is one block
     while the threads' samples fit in half of the last-level cache, and blocks stay that large above.
-    The pooling forward (`pooling`) reads x alone in its second pass: there NCHW blocks fit in half of
-    L2, split evenly, where that leaves each row at least `_MIN_ROW_BYTES` (the backward streams
-    grad_out and grad_x beside x, and blocks smaller than a sample were slower there).
+    The pooling forward (`pooling`) reads x alone: there NCHW blocks fit in half of L2, split evenly,
+    where that leaves each row at least `_MIN_ROW_BYTES`. The backward streams grad_out and grad_x
+    after each block, and blocks smaller than a sample were slower there (Zen 5, 32x256x56x56: 1.2x
+    with the pooling's 448 positions).
     """
     B, C, N = positions.shape
     l2, l3 = _cache_bytes()

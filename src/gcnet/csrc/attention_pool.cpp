@@ -5,9 +5,10 @@
 // The blocks are memory-bound. One thread walks one sample, in blocks of P positions, so that the
 // second pass over a block of x finds it in cache; the caller chooses P from the cache sizes:
 //   forward:  logits, online softmax and the weighted sum over one read of x;
-//   backward: grad_x = grad_out * gate + grad_context alpha^T + w grad_logits^T and
-//             grad_w = sum_j grad_logits_j x_j over one read of x and grad_out and one write,
-//             with grad_logits_j = alpha_j (grad_context . x_j - grad_context . context);
+//   backward: grad_logits_j = alpha_j (grad_context . x_j - grad_context . context) and
+//             grad_w = sum_j grad_logits_j x_j over one read of x (the block twice, as forward),
+//             then grad_x = grad_out * gate + grad_context alpha^T + w grad_logits^T over one read
+//             of grad_out and one write, without x: that pass streams two arrays, not three;
 //   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate;
 //   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x);
 //                with a residual, max(x * scale + shift + residual, 0): fusion, residual add and ReLU;
@@ -256,71 +257,37 @@ GCNET_INLINE void pool_forward(const T* x, int64_t C, int64_t N, int64_t P, cons
   softmax.finish(context, C, alpha, N, P, maxes);
 }
 
-// grad_x = grad_out [* gate] + grad_context alpha_j + w dl_j and grad_w += sum_j dl_j x_j over
-// [j0, j0 + n); alpha and dl point at the block.
+// grad_x = grad_out [* gate] + grad_context alpha_j + w dl_j over [j0, j0 + n); alpha and dl point
+// at the block. It does not read x: this pass streams grad_out and grad_x alone.
 template <typename T, bool kChannelsLast, bool kGate>
-GCNET_INLINE void block_grad_x(const T* x, const T* grad_out, int64_t C, int64_t N, int64_t j0, int64_t n,
-                               const T* w, const T* gate, const T* alpha, const T* grad_context, const T* dl,
-                               T* grad_x, T* grad_w) {
+GCNET_INLINE void block_grad_x(const T* grad_out, int64_t C, int64_t N, int64_t j0, int64_t n, const T* w,
+                               const T* gate, const T* alpha, const T* grad_context, const T* dl, T* grad_x) {
   if constexpr (kChannelsLast) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t offset = (j0 + j) * C;
-      const T* row = x + offset;
       const T* g = grad_out + offset;
       T* out = grad_x + offset;
       const T a = alpha[j];
       const T d = dl[j];
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        out[c] = (kGate ? g[c] * gate[c] : g[c]) + a * grad_context[c] + d * w[c];
-        grad_w[c] += d * row[c];
-      }
+      for (int64_t c = 0; c < C; ++c) out[c] = (kGate ? g[c] * gate[c] : g[c]) + a * grad_context[c] + d * w[c];
     }
   } else {
-    using L = Lanes<T>;
-    using V = typename L::Vec;
-    constexpr int W = L::kWidth;
+    using V = typename Lanes<T>::Vec;
+    constexpr int W = Lanes<T>::kWidth;
     const int64_t whole = n - n % W;
-    int64_t c = 0;
-    for (; c + W <= C; c += W) {  // a row at a time (fewest streams); grad_w of W rows at once
-      V partial[W];
-      for (int k = 0; k < W; ++k) {
-        const int64_t offset = (c + k) * N + j0;
-        const T* row = x + offset;
-        const T* g = grad_out + offset;
-        T* out = grad_x + offset;
-        const T d = grad_context[c + k];
-        const T wc = w[c + k];
-        const T s = kGate ? gate[c + k] : T(1);
-        V acc = {};
-        for (int64_t j = 0; j < whole; j += W) {
-          const V dlj = load<V>(dl + j);
-          const V gj = load<V>(g + j);
-          store(out + j, (kGate ? gj * s : gj) + d * load<V>(alpha + j) + wc * dlj);
-          acc += dlj * load<V>(row + j);
-        }
-        for (int64_t j = whole; j < n; ++j) {
-          out[j] = (kGate ? g[j] * s : g[j]) + d * alpha[j] + wc * dl[j];
-          acc[0] += dl[j] * row[j];
-        }
-        partial[k] = acc;
-      }
-      store(grad_w + c, load<V>(grad_w + c) + L::row_sums(partial));
-    }
-    for (; c < C; ++c) {
+    for (int64_t c = 0; c < C; ++c) {
       const int64_t offset = c * N + j0;
-      const T* row = x + offset;
       const T* g = grad_out + offset;
       T* out = grad_x + offset;
       const T d = grad_context[c];
       const T wc = w[c];
       const T s = kGate ? gate[c] : T(1);
-      T acc = 0;
-      for (int64_t j = 0; j < n; ++j) {
-        out[j] = (kGate ? g[j] * s : g[j]) + d * alpha[j] + wc * dl[j];
-        acc += dl[j] * row[j];
+      for (int64_t j = 0; j < whole; j += W) {
+        const V gj = load<V>(g + j);
+        store(out + j, (kGate ? gj * s : gj) + d * load<V>(alpha + j) + wc * load<V>(dl + j));
       }
-      grad_w[c] += acc;
+      for (int64_t j = whole; j < n; ++j) out[j] = (kGate ? g[j] * s : g[j]) + d * alpha[j] + wc * dl[j];
     }
   }
 }
@@ -336,8 +303,8 @@ GCNET_INLINE void pool_backward(const T* x, const T* grad_out, int64_t C, int64_
     T* dl = grad_logits + j0;
     block_logits<T, kChannelsLast>(x, C, N, j0, n, grad_context, T(0), dl);
     for (int64_t j = 0; j < n; ++j) dl[j] = alpha[j0 + j] * (dl[j] - mean_term);
-    block_grad_x<T, kChannelsLast, kGate>(x, grad_out, C, N, j0, n, w, gate, alpha + j0, grad_context, dl, grad_x,
-                                          grad_w);
+    block_accumulate<T, kChannelsLast>(x, C, N, j0, n, dl, T(1), grad_w);  // x's block again, while in cache
+    block_grad_x<T, kChannelsLast, kGate>(grad_out, C, N, j0, n, w, gate, alpha + j0, grad_context, dl, grad_x);
   }
 }
 
