@@ -3,6 +3,7 @@
     python -m benchmarks.blocks            # full run (a few minutes on 2 cores)
     python -m benchmarks.blocks --quick    # tiny shapes, a smoke run of every code path
     python -m benchmarks.blocks --suite gc --compile   # add torch.compile'd GC rows
+    python -m benchmarks.blocks --suite gc --channels-last   # inputs and weights as training has them
 
 The memory floor of a GC block is one pass over x to pool and one to add: x + x.sum(positions)
 broadcast. Forward is timed under no_grad in eval mode; forward+backward in train mode with x and
@@ -42,6 +43,7 @@ from benchmarks._common import (
     write_json,
 )
 from gcnet.blocks import GlobalContext, NonLocal, SimplifiedNonLocal, SqueezeExcite, _fused
+from gcnet.engine.evaluate import channels_last_format, to_channels_last
 
 try:
     from gcnet.blocks import onednn_products
@@ -268,14 +270,18 @@ class Case:
             self.module(self.x).backward(self.grad)
 
 
-def make_inputs(shape: Shape) -> tuple[Tensor, Tensor]:
+def make_inputs(shape: Shape, channels_last: bool = False) -> tuple[Tensor, Tensor]:
+    """x (requiring grad) and grad_out, in channels_last (channels_last_3d) memory when asked."""
     generator = torch.Generator().manual_seed(1)
-    x = torch.randn(shape, generator=generator).requires_grad_(True)
-    return x, torch.randn(shape, generator=generator)
+    x, grad = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    if channels_last:
+        x, grad = (t.contiguous(memory_format=channels_last_format(t)) for t in (x, grad))
+    return x.requires_grad_(True), grad
 
 
-def build(suite: str, shape: Shape, compile_: bool = False) -> dict[str, nn.Module]:
-    return gc_cases(shape, compile_) if suite == "gc" else nl_cases(shape)
+def build(suite: str, shape: Shape, compile_: bool = False, channels_last: bool = False) -> dict[str, nn.Module]:
+    cases = gc_cases(shape, compile_) if suite == "gc" else nl_cases(shape)
+    return {name: to_channels_last(m) for name, m in cases.items()} if channels_last else cases
 
 
 # Cases computing the same function with the same weights: their outputs must agree.
@@ -295,11 +301,12 @@ def check_agreement(cases: dict[str, nn.Module], x: Tensor) -> float:
 def run_memory_case(spec: str, threads: int) -> None:
     """Entry of the fresh process: build one case, print {"peak_mib": ...} for one run."""
     torch.set_num_threads(threads)
-    suite, shape_text, rest = spec.split(":", 2)
+    suite, shape_text, layout, rest = spec.split(":", 3)
     name, mode = rest.rsplit(":", 1)  # a case's name may hold a colon
     shape = tuple(int(s) for s in shape_text.split("x"))
-    x, grad = make_inputs(shape)
-    case = Case(build(suite, shape)[name], x, grad)
+    channels_last = layout == "channels_last"
+    x, grad = make_inputs(shape, channels_last)
+    case = Case(build(suite, shape, channels_last=channels_last)[name], x, grad)
     run = case.forward if mode == "fwd" else case.forward_backward
     (case.prepare_forward if mode == "fwd" else case.prepare_forward_backward)()
     print(json.dumps({"peak_mib": peak_growth_mib(run)}))
@@ -335,10 +342,10 @@ def paired(numerator: dict, num_key: str, denominator: dict, den_key: str) -> tu
 
 def bench_shape(
     suite: str, shape: Shape, rounds: int, memory: bool, compile_: bool, quick: bool,
-    evict: CacheEviction | None = None,
+    evict: CacheEviction | None = None, channels_last: bool = False,
 ) -> dict:
-    x, grad = make_inputs(shape)
-    modules = build(suite, shape, compile_)
+    x, grad = make_inputs(shape, channels_last)
+    modules = build(suite, shape, compile_, channels_last)
     cases = {name: Case(module, x, grad) for name, module in modules.items()}
     load_before = load()
     agreement = check_agreement(modules, x.detach())
@@ -349,9 +356,10 @@ def bench_shape(
     if memory:
         names = [n for n in cases if "compile" not in n]
         names = names[:2] if quick else names
-        specs = [f"{suite}:{shape_name(shape)}:{n}:{m}" for n in names for m in ("fwd", "fb")]
+        layout = "channels_last" if channels_last else "contiguous"
+        specs = [f"{suite}:{shape_name(shape)}:{layout}:{n}:{m}" for n in names for m in ("fwd", "fb")]
         peaks = memory_in_subprocesses("benchmarks.blocks", specs, workers=2 if suite == "gc" else 1)
-        peaks = {k.split(":", 2)[2]: v for k, v in peaks.items()}  # "name:mode" -> MiB
+        peaks = {k.split(":", 3)[3]: v for k, v in peaks.items()}  # "name:mode" -> MiB
     for row in rows:
         row["peak_fwd_mib"] = peaks.get(f"{row['case']}:fwd")
         row["peak_fb_mib"] = peaks.get(f"{row['case']}:fb")
@@ -487,6 +495,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
         "--warm-cache", action="store_true",
         help="read x just before each timed call instead of evicting the CPU caches",
     )
+    parser.add_argument(
+        "--channels-last", action="store_true",
+        help="x, grad_out and weights in channels_last (channels_last_3d) memory, as training configs set it",
+    )
     add_allocator_option(parser)
     parser.add_argument("--memory-case", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -497,7 +509,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if not args.warm_cache:
         evict = CacheEviction(16 if args.quick else CacheEviction.mib_for_this_machine())
     caches = f"evicted before each call ({evict.mib} MiB buffer)" if evict else "warm (x read before each)"
-    run_info = start_run(args.threads, args.system_allocator, **{"cache mode": caches})  # beside their sizes
+    layout = "channels_last" if args.channels_last else "contiguous (NCHW)"
+    run_info = start_run(args.threads, args.system_allocator, **{"cache mode": caches, "layout": layout})
     results = []
     plan: list[tuple[str, Shape]] = []
     if args.suite in ("gc", "all"):
@@ -513,7 +526,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         # Quick mode measures memory once per suite (fresh processes cost seconds each).
         first = shape == (GC_SHAPES if suite == "gc" else NL_SHAPES)[args.quick][0]
         memory = not args.no_memory and (first or not args.quick)
-        result = bench_shape(suite, shape, rounds, memory, args.compile and suite == "gc", args.quick, evict)
+        result = bench_shape(suite, shape, rounds, memory, args.compile and suite == "gc", args.quick, evict,
+                             args.channels_last)
         results.append(result)
         print(format_result(result), flush=True)
     if results:

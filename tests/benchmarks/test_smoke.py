@@ -43,8 +43,20 @@ def test_block_benchmarks_report_every_case() -> None:
     assert all(f"| {result['shape']} | " in summary for result in results)
 
 
-def test_peak_memory_is_measured_in_a_fresh_process() -> None:
-    spec = "gc:2x32x8x8:gcnet GC r16 (add):fb"
+def test_block_benchmarks_run_in_channels_last(capsys: pytest.CaptureFixture[str]) -> None:
+    x, grad = blocks.make_inputs((2, 8, 2, 4, 4), channels_last=True)
+    assert x.is_contiguous(memory_format=torch.channels_last_3d) and x.requires_grad
+    assert grad.is_contiguous(memory_format=torch.channels_last_3d) and not grad.is_contiguous()
+    results = blocks.main(["--quick", "--suite", "gc", "--channels-last", "--threads", "1", "--no-memory",
+                           "--system-allocator"])
+    assert "layout: channels_last |" in capsys.readouterr().out
+    assert [r["shape"] for r in results] == ["4x32x16x16", "2x64x2x4x4"]
+    assert all(r["max_abs_diff"] < 1e-4 and all(row["fb_ms"] > 0 for row in r["rows"]) for r in results)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_peak_memory_is_measured_in_a_fresh_process(layout: str) -> None:
+    spec = f"gc:2x32x8x8:{layout}:gcnet GC r16 (add):fb"
     command = [sys.executable, "-m", "benchmarks.blocks", "--threads", "1", "--memory-case", spec]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     assert json.loads(out.strip().splitlines()[-1])["peak_mib"] >= 0
