@@ -94,6 +94,13 @@ CONFIGS = {
     ("average", "scale"): {"fusion_sums": 1, "scale_shift": 1, **ONE_TRANSFORM},
     ("average", "add"): ONE_TRANSFORM,
 }
+# In channels_last, sums over positions (average pooling, the add's gradient) take a kernel too.
+CHANNELS_LAST_SUMS = {("attention", "add"): 1, ("average", "scale"): 1, ("average", "add"): 2}
+
+
+def expected_calls(config: tuple[str, str], channels_last: bool) -> dict[str, int]:
+    sums = CHANNELS_LAST_SUMS.get(config, 0) if channels_last else 0
+    return {**CONFIGS[config], **({"position_sums": sums} if sums else {})}
 
 
 def make_block(channels: int, pooling: str, fusion: str) -> GlobalContext:
@@ -115,7 +122,7 @@ def test_forward_and_backward_match_the_composite_path(spy: Spy, shape: tuple, c
         without_kernels = outputs_and_grads(block, x, grad)
     assert not spy.calls
     got = outputs_and_grads(block, x, grad)
-    assert spy.calls == CONFIGS[config]
+    assert spy.calls == expected_calls(config, channels_last)
     for a, b, c in zip(got, without_kernels, expected):
         torch.testing.assert_close(a, c, rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(b, c, rtol=1e-10, atol=1e-10)
@@ -191,6 +198,19 @@ def test_fusion_sums_are_the_gradients_of_add_and_gate(channels_last: bool) -> N
     sums, products = _fused._native.fusion_sums(x, grad_out)
     torch.testing.assert_close(sums, grad_out.sum(-1), rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(products, (grad_out * x).sum(-1), rtol=1e-12, atol=1e-12)
+
+
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("C, H, W", [(10, 7, 5), (16, 2, 2), (3, 1, 2), (8, 9, 3)])
+def test_position_sums_match_torch(channels_last: bool, dtype: torch.dtype, C: int, H: int, W: int) -> None:
+    x = laid_out(torch.randn(3, C, H, W, dtype=torch.float64), channels_last).to(dtype).flatten(2)
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(_fused._native.position_sums(x), x.sum(-1), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(_fused.position_sums(x, mean=True), x.mean(-1), rtol=tolerance, atol=tolerance)
+    with pytest.raises(RuntimeError, match="expected x of shape"):
+        _fused._native.position_sums(x[0])
 
 
 def test_blocks_follow_the_cache_sizes(monkeypatch: pytest.MonkeyPatch) -> None:

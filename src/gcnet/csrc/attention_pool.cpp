@@ -308,10 +308,24 @@ GCNET_INLINE void pool_backward(const T* x, const T* grad_out, int64_t C, int64_
   }
 }
 
-// sums (C) = sum_j grad_out_j and products (C) = sum_j grad_out_j * x_j over one sample.
-template <typename T, bool kChannelsLast>
+// sums (C) = sum_j grad_out_j and products (C) = sum_j grad_out_j * x_j over one sample; without
+// kProducts, the sums alone (x is not read): torch's sum over positions is slow in channels_last.
+template <typename T, bool kChannelsLast, bool kProducts = true>
 GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64_t N, T* sums, T* products) {
-  if constexpr (kChannelsLast) {
+  if constexpr (kChannelsLast && !kProducts) {
+    std::fill(sums, sums + C, T(0));
+    int64_t j = 0;
+    for (; j + 4 <= N; j += 4) {  // four positions per pass over the sums
+      const T* g = grad_out + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sums[c] += (g[c] + g[C + c]) + (g[2 * C + c] + g[3 * C + c]);
+    }
+    for (; j < N; ++j) {
+      const T* g = grad_out + j * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) sums[c] += g[c];
+    }
+  } else if constexpr (kChannelsLast) {
     std::fill(sums, sums + C, T(0));
     std::fill(products, products + C, T(0));
     for (int64_t j = 0; j < N; ++j) {
@@ -338,17 +352,17 @@ GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64
         for (int64_t j = 0; j < whole; j += W) {
           const V gj = load<V>(g + j);
           s += gj;
-          p += gj * load<V>(row + j);
+          if constexpr (kProducts) p += gj * load<V>(row + j);
         }
         for (int64_t j = whole; j < N; ++j) {
           s[0] += g[j];
-          p[0] += g[j] * row[j];
+          if constexpr (kProducts) p[0] += g[j] * row[j];
         }
         row_sums[k] = s;
         row_products[k] = p;
       }
       store(sums + c, L::row_sums(row_sums));
-      store(products + c, L::row_sums(row_products));
+      if constexpr (kProducts) store(products + c, L::row_sums(row_products));
     }
     for (; c < C; ++c) {
       const T* row = x + c * N;
@@ -356,10 +370,10 @@ GCNET_INLINE void fusion_sums_of(const T* x, const T* grad_out, int64_t C, int64
       T s = 0, p = 0;
       for (int64_t j = 0; j < N; ++j) {
         s += g[j];
-        p += g[j] * row[j];
+        if constexpr (kProducts) p += g[j] * row[j];
       }
       sums[c] = s;
-      products[c] = p;
+      if constexpr (kProducts) products[c] = p;
     }
   }
 }
@@ -428,10 +442,14 @@ GCNET_INLINE void scale_shift_of(const T* x, int64_t C, int64_t N, const T* scal
   }                                                                                                            \
   GCNET_CLONES void sums_sample(bool channels_last, const T* x, const T* grad_out, int64_t C, int64_t N,        \
                                 T* sums, T* products) {                                                        \
-    if (channels_last)                                                                                         \
+    if (channels_last && products)                                                                             \
       fusion_sums_of<T, true>(x, grad_out, C, N, sums, products);                                                 \
-    else                                                                                                       \
+    else if (channels_last)                                                                                    \
+      fusion_sums_of<T, true, false>(x, grad_out, C, N, sums, products);                                         \
+    else if (products)                                                                                         \
       fusion_sums_of<T, false>(x, grad_out, C, N, sums, products);                                                \
+    else                                                                                                       \
+      fusion_sums_of<T, false, false>(x, grad_out, C, N, sums, products);                                        \
   }                                                                                                            \
   GCNET_CLONES void scale_shift_sample(bool channels_last, const T* x, int64_t C, int64_t N, const T* scale,    \
                                        const T* shift, const T* residual, T* out) {                            \
@@ -846,23 +864,30 @@ std::vector<torch::Tensor> attention_pool_backward(const torch::Tensor& x, const
 }
 
 // sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C): what a fusion's add and gate receive.
-std::vector<torch::Tensor> fusion_sums(const torch::Tensor& x, const torch::Tensor& grad_out) {
-  const bool channels_last = check_pair(x, grad_out);
-  const int64_t B = x.size(0), C = x.size(1), N = x.size(2);
-  auto sums = torch::empty({B, C}, x.options());
-  auto products = torch::empty({B, C}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fusion_sums", [&] {
-    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+// sums (B, C) = sum_j grad_out_j and, where x is given, products (B, C) = sum_j grad_out_j * x_j.
+std::vector<torch::Tensor> sums_over_positions(const std::optional<torch::Tensor>& x, const torch::Tensor& grad_out) {
+  const bool channels_last = x ? check_pair(*x, grad_out) : (check_x(grad_out), is_channels_last(grad_out));
+  const int64_t B = grad_out.size(0), C = grad_out.size(1), N = grad_out.size(2);
+  auto sums = torch::empty({B, C}, grad_out.options());
+  auto products = x ? torch::empty({B, C}, grad_out.options()) : torch::Tensor();
+  AT_DISPATCH_FLOATING_TYPES(grad_out.scalar_type(), "fusion_sums", [&] {
     const scalar_t* gp = grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* xp = x ? x->const_data_ptr<scalar_t>() : gp;  // not read without x
     scalar_t* sp = sums.data_ptr<scalar_t>();
-    scalar_t* pp = products.data_ptr<scalar_t>();
+    scalar_t* pp = x ? products.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
-        sums_sample(channels_last, xp + i * C * N, gp + i * C * N, C, N, sp + i * C, pp + i * C);
+        sums_sample(channels_last, xp + i * C * N, gp + i * C * N, C, N, sp + i * C, pp ? pp + i * C : nullptr);
     });
   });
-  return {sums, products};
+  return x ? std::vector<torch::Tensor>{sums, products} : std::vector<torch::Tensor>{sums};
 }
+
+std::vector<torch::Tensor> fusion_sums(const torch::Tensor& x, const torch::Tensor& grad_out) {
+  return sums_over_positions(x, grad_out);
+}
+
+torch::Tensor position_sums(const torch::Tensor& x) { return sums_over_positions(std::nullopt, x)[0]; }
 
 // x * scale + shift with (B, C) scale and shift broadcast over positions, in x's layout; with a
 // residual (x's shape and layout), max(x * scale + shift + residual, 0).
@@ -994,6 +1019,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("grad_context"), py::arg("gate"), py::arg("positions_per_block"));
   m.def("fusion_sums", &fusion_sums, "sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C)", py::arg("x"),
         py::arg("grad_out"));
+  m.def("position_sums", &position_sums, "sum_j x_j, (B, C)", py::arg("x"));
   m.def("scale_shift", &scale_shift,
         "x * scale + shift with (B, C) scale and shift broadcast over positions; max(that + residual, 0) with one",
         py::arg("x"), py::arg("scale"), py::arg("shift"), py::arg("residual") = py::none());
