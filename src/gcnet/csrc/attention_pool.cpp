@@ -9,7 +9,8 @@
 //             grad_w = sum_j grad_logits_j x_j over one read of x (the block twice, as forward),
 //             then grad_x = grad_out * gate + grad_context alpha^T + w grad_logits^T over one read
 //             of grad_out and one write, without x: that pass streams two arrays, not three;
-//   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate;
+//   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate (or
+//                the sums alone: torch's sum over positions is slow in channels_last);
 //   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x);
 //                with a residual, max(x * scale + shift + residual, 0): fusion, residual add and ReLU;
 //   transforms: the bottleneck W2 act(W1 context + b1) + b2 [sigmoid] on (B, C) vectors, and its
@@ -863,7 +864,6 @@ std::vector<torch::Tensor> attention_pool_backward(const torch::Tensor& x, const
   return {grad_x, grad_weight, grad_bias};
 }
 
-// sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C): what a fusion's add and gate receive.
 // sums (B, C) = sum_j grad_out_j and, where x is given, products (B, C) = sum_j grad_out_j * x_j.
 std::vector<torch::Tensor> sums_over_positions(const std::optional<torch::Tensor>& x, const torch::Tensor& grad_out) {
   const bool channels_last = x ? check_pair(*x, grad_out) : (check_x(grad_out), is_channels_last(grad_out));
@@ -883,10 +883,12 @@ std::vector<torch::Tensor> sums_over_positions(const std::optional<torch::Tensor
   return x ? std::vector<torch::Tensor>{sums, products} : std::vector<torch::Tensor>{sums};
 }
 
+// sum_j grad_out_j and sum_j grad_out_j * x_j, each (B, C): what a fusion's add and gate receive.
 std::vector<torch::Tensor> fusion_sums(const torch::Tensor& x, const torch::Tensor& grad_out) {
   return sums_over_positions(x, grad_out);
 }
 
+// sum_j x_j, (B, C): the add's gradient (x = grad_out) or an average pooling's context times N.
 torch::Tensor position_sums(const torch::Tensor& x) { return sums_over_positions(std::nullopt, x)[0]; }
 
 // x * scale + shift with (B, C) scale and shift broadcast over positions, in x's layout; with a
