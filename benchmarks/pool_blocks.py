@@ -4,12 +4,12 @@
     python -m benchmarks.pool_blocks --shape 32x256x56x56 --rounds 15
     python -m benchmarks.pool_blocks --quick         # a smoke run
 
-The NCHW kernels read a block of positions of every channel row twice (`positions_per_block`):
-the forward reads x alone, the backward streams grad_out and grad_x beside it. This times the
-blocks the rule chooses for each direction against whole samples and blocks of about a quarter,
-a half and all of L2 (split evenly over the sample), interleaved, with caches evicted before
-each call ("cold") or x just read ("warm"). Each time is also given as a ratio to one pass over
-the same memory within its round: x.sum for the forward, x + grad_out for the backward.
+The NCHW kernels read a block of positions of every channel row twice (`positions_per_block`),
+x alone; the backward then writes grad_x from grad_out over whole rows. This times the blocks
+the rule chooses against whole samples and blocks of about a quarter, a half and all of L2 (split
+evenly over the sample), interleaved, with caches evicted before each call ("cold") or x just
+read ("warm"). Each time is also given as a ratio to one pass over the same memory within its
+round: x.sum for the forward, x + grad_out for the backward.
 """
 
 from __future__ import annotations
@@ -46,8 +46,8 @@ def candidates(positions: torch.Tensor) -> dict[int, str]:
     for name, size in (("L2/4", l2 // 4), ("L2/2", l2 // 2), ("L2", l2)):
         blocks = math.ceil(N / max(1, size // row))
         found.setdefault(math.ceil(N / blocks), []).append(name)
-    found.setdefault(_fused.positions_per_block(positions), []).append("backward's")
-    found.setdefault(_fused.positions_per_block(positions, pooling=True), []).append("forward's")
+    found.setdefault(N, []).append("whole samples")
+    found.setdefault(_fused.positions_per_block(positions), []).append("the rule's")
     return {size: ", ".join(names) for size, names in sorted(found.items(), reverse=True)}
 
 

@@ -218,27 +218,22 @@ def test_blocks_follow_the_cache_sizes(monkeypatch: pytest.MonkeyPatch) -> None:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
-        nchw = torch.empty(32, 256, 3136)  # 3 MiB a sample: two threads' samples fit in half of L3
-        assert _fused.positions_per_block(nchw) == 3136
+        # 7 even blocks of half of L2 at 56x56 (rows of 1792 bytes); rows would be 784 bytes at 28x28
+        # (4 blocks) and 484 in the video's 13: whole samples there (two threads' fit in half of L3).
+        assert _fused.positions_per_block(torch.empty(32, 256, 3136)) == 448
+        assert _fused.positions_per_block(torch.empty(32, 512, 784)) == 784
+        assert _fused.positions_per_block(torch.empty(4, 1024, 8 * 14 * 14)) == 1568
         video = torch.empty(4, 1024, 8 * 56 * 56)  # 98 MiB a sample: blocks of 8 MiB of whole rows
-        assert _fused.positions_per_block(video) == 8 * 2**20 // (1024 * 4)
+        assert _fused.positions_per_block(video) == 8 * 2**20 // (1024 * 4)  # 4 KiB rows
         channels_last = torch.empty(32, 3136, 256).transpose(1, 2)  # contiguous blocks in half of L2
         assert _fused.positions_per_block(channels_last) == 2**19 // (256 * 4)
         assert _fused.positions_per_block(torch.empty(2, 4096, 4)) == 4  # never more than N
-        # The pooling forward: 7 even blocks of half of L2 at 56x56 (rows of 1792 bytes); rows would
-        # be 784 bytes at 28x28 (4 blocks) and 484 in the video's 13: whole samples there.
-        assert _fused.positions_per_block(nchw, pooling=True) == 448
-        assert _fused.positions_per_block(torch.empty(32, 512, 784), pooling=True) == 784
-        assert _fused.positions_per_block(torch.empty(4, 1024, 8 * 14 * 14), pooling=True) == 1568
-        assert _fused.positions_per_block(video, pooling=True) == 8 * 2**20 // (1024 * 4)  # 4 KiB rows
-        assert _fused.positions_per_block(channels_last, pooling=True) == 2**19 // (256 * 4)
-        assert _fused.positions_per_block(torch.empty(2, 4096, 4), pooling=True) == 4
     finally:
         torch.set_num_threads(threads)
 
 
 @needs_kernels
-def test_the_pooling_forward_takes_its_own_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pooling_kernels_take_blocks_of_half_of_l2(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_fused, "_cache_bytes", lambda: (2**15, 32 * 2**20))  # L2 32 KiB
     blocks: dict[str, int] = {}
 
@@ -261,8 +256,8 @@ def test_the_pooling_forward_takes_its_own_blocks(monkeypatch: pytest.MonkeyPatc
     with composite_autograd():
         expected = outputs_and_grads(block, x, grad)
     got = outputs_and_grads(block, x, grad)
-    # 16 KiB of a sample at a time in the forward (128 positions, rows of 1 KiB), whole samples backward.
-    assert blocks == {"attention_pool": 128, "attention_pool_backward": 1024}
+    # 16 KiB of a sample at a time in both directions (128 positions, rows of 1 KiB).
+    assert blocks == {"attention_pool": 128, "attention_pool_backward": 128}
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 

@@ -165,24 +165,23 @@ def _cache_bytes() -> tuple[int, int]:
     return cache_sizes().get("L2", 2**20), last_level_cache_bytes() or 32 * 2**20
 
 
-# Shortest row segment the pooling forward cuts NCHW rows to (16 cache lines). On Zen 5 its 56x56
+# Shortest row segment the pooling kernels cut NCHW rows to (16 cache lines). On Zen 5 the 56x56
 # forward took 1.03-1.07x one pass over x cold, 1.07-1.16x warm on blocks of 448 positions (1792-byte
-# rows), 1.13-1.17x / 1.28-1.38x on whole samples; with shorter rows the gain depended on the shape
-# and the cache mode (`benchmarks.pool_blocks`, docs/benchmarks.md).
+# rows), 1.13-1.17x / 1.28-1.38x on whole samples, the backward 0.94x its time on whole samples; with
+# shorter rows the gain depended on the shape and the cache mode (`benchmarks.pool_blocks`).
 _MIN_ROW_BYTES = 1024
 
 
-def positions_per_block(positions: Tensor, pooling: bool = False) -> int:
-    """Positions the kernels take at a time from one sample of (B, C, N), from this machine's caches.
+def positions_per_block(positions: Tensor) -> int:
+    """Positions the pooling kernels take at a time from one sample of (B, C, N), from this machine's
+    caches.
 
-    A block is read twice in a row (logits, then the weighted sum, or grad_w); the second read must
-    find it in cache. Channels-last blocks are contiguous and sized to half of L2. NCHW blocks cut
-    every channel row, and rows cut short defeat the hardware prefetcher: a whole sample is one block
-    while the threads' samples fit in half of the last-level cache, and blocks stay that large above.
-    The pooling forward (`pooling`) reads x alone: there NCHW blocks fit in half of L2, split evenly,
-    where that leaves each row at least `_MIN_ROW_BYTES`. The backward streams grad_out and grad_x
-    after each block, and blocks smaller than a sample were slower there (Zen 5, 32x256x56x56: 1.2x
-    with the pooling's 448 positions).
+    A block is read twice in a row (logits, then the weighted sum, or grad_w), x alone; the second read
+    must find it in cache (the backward then writes grad_x over whole rows). Channels-last blocks are
+    contiguous and sized to half of L2. NCHW blocks cut every channel row, and rows cut short defeat
+    the hardware prefetcher: they fit in half of L2, split evenly, where that leaves each row at least
+    `_MIN_ROW_BYTES`; else a whole sample is one block while the threads' samples fit in half of the
+    last-level cache, and blocks stay that large above.
     """
     B, C, N = positions.shape
     l2, l3 = _cache_bytes()
@@ -190,12 +189,9 @@ def positions_per_block(positions: Tensor, pooling: bool = False) -> int:
     if _transposed_is_dense(positions):
         return min(N, max(16, (l2 // 2) // row))
     whole = min(N, max(16, max(l2, l3 // (2 * min(B, torch.get_num_threads()))) // row))
-    if pooling:
-        blocks = -(-N // max(1, (l2 // 2) // row))
-        even = -(-N // blocks)
-        if even * positions.element_size() >= _MIN_ROW_BYTES:
-            return min(whole, even)
-    return whole
+    blocks = -(-N // max(1, (l2 // 2) // row))
+    even = -(-N // blocks)
+    return min(whole, even) if even * positions.element_size() >= _MIN_ROW_BYTES else whole
 
 
 def _dense(weight: Tensor) -> Tensor:
@@ -229,7 +225,7 @@ def attention_pool(positions: Tensor, weight: Tensor, bias: Tensor) -> tuple[Ten
     wants_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (positions, weight, bias))
     if not wants_grad and _use_native(positions):
         return _native.attention_pool(
-            positions, _dense(weight), bias, positions_per_block(positions, pooling=True)
+            positions, _dense(weight), bias, positions_per_block(positions)
         )
     weights = attention_logits(positions, weight, bias).softmax(dim=-1)  # (B, 1, N)
     return weights, weighted_pool(positions, weights)

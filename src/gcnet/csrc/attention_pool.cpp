@@ -8,7 +8,7 @@
 //   backward: grad_logits_j = alpha_j (grad_context . x_j - grad_context . context) and
 //             grad_w = sum_j grad_logits_j x_j over one read of x (the block twice, as forward),
 //             then grad_x = grad_out * gate + grad_context alpha^T + w grad_logits^T over one read
-//             of grad_out and one write, without x: that pass streams two arrays, not three;
+//             of grad_out and one write, without x and over whole rows: two long streams;
 //   fusion sums: sum_j grad_out_j and sum_j grad_out_j * x_j, the gradients of add and gate (or
 //                the sums alone: torch's sum over positions is slow in channels_last);
 //   scale_shift: x * scale + shift, the fusion with both terms (and an average pooling's grad_x);
@@ -305,8 +305,9 @@ GCNET_INLINE void pool_backward(const T* x, const T* grad_out, int64_t C, int64_
     block_logits<T, kChannelsLast>(x, C, N, j0, n, grad_context, T(0), dl);
     for (int64_t j = 0; j < n; ++j) dl[j] = alpha[j0 + j] * (dl[j] - mean_term);
     block_accumulate<T, kChannelsLast>(x, C, N, j0, n, dl, T(1), grad_w);  // x's block again, while in cache
-    block_grad_x<T, kChannelsLast, kGate>(grad_out, C, N, j0, n, w, gate, alpha + j0, grad_context, dl, grad_x);
   }
+  // Whole rows: the two streams keep the prefetcher's pace.
+  block_grad_x<T, kChannelsLast, kGate>(grad_out, C, N, 0, N, w, gate, alpha, grad_context, grad_logits, grad_x);
 }
 
 // sums (C) = sum_j grad_out_j and products (C) = sum_j grad_out_j * x_j over one sample; without
