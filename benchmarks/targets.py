@@ -130,7 +130,7 @@ def models_values(text: str) -> dict[str, list[float]]:
 
 def verdicts(text: str) -> list[list[str]]:
     """One row per target, cache mode and shape: median (range) over the runs, runs meeting it, met."""
-    blocks, models = blocks_values(text), models_values(text)
+    suites, models = blocks_values(text), models_values(text)
     rows = []
     for target in TARGETS:
         modes = ("cold", "warm") if target.part == "gc" else ("cold",) if target.part == "nl" else ("",)
@@ -139,7 +139,7 @@ def verdicts(text: str) -> list[list[str]]:
                 if target.part == "models":
                     values = models[target.column]
                 else:
-                    runs = blocks.get((f"{mode}, {target.part}", target.column, shape), [])
+                    runs = suites.get((f"{mode}, {target.part}", target.column, shape), [])
                     values = [run[target.value] for run in runs if len(run) > target.value]
                 if not values:
                     rows.append([target.name, mode or "-", shape, "not measured", "-", "-"])

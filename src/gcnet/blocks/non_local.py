@@ -96,8 +96,9 @@ class NonLocal(nn.Module):
     The softmax modes run through `scaled_dot_product_attention` (on CPU in float32 where oneDNN's
     products pay, through its matmul in bands of query rows: `gcnet.blocks.onednn_products`) and the
     dot-product mode as theta (phi^T g) / N, so neither materialises the N x N matrix;
-    `attention_map` builds it on request for analysis. The concatenation mode needs the matrix of scalars f_ij. The BatchNorm
-    after W_z starts with weight and bias zero, so the block is the identity at initialisation.
+    `attention_map` builds it on request for analysis. The concatenation mode needs the matrix of
+    scalars f_ij. The BatchNorm after W_z starts with weight and bias zero, so the block is the
+    identity at initialisation.
 
     Args:
         channels: channels C of input and output.
