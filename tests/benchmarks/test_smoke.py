@@ -222,9 +222,11 @@ def test_gc_breakdown_times_every_kernel_of_a_step() -> None:
     kernels = [name for name in names if name.startswith("kernel ")]
     parts = [*kernels, "fusion: x + add term", "grad_out summed over positions"]
     bound = float(rows["sum of the parts alone (lower bound)"])
-    assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=0.02)
+    # Every row, the bound's too, is rounded to 0.01 ms: each rounding moves the sum by at most 0.005.
+    rounding = 0.005 * (len(parts) + 1)
+    assert bound == pytest.approx(sum(float(rows[name]) for name in parts), abs=rounding + 1e-9)
     assert rows["  the same / floor forward alone"].endswith("x")
-    assert float(rows["transforms forward, right after a sum over x"]) > 0
+    assert float(rows["transforms forward, right after a sum over x"]) >= 0  # ~0.01 ms: may round to 0
     assert "x + grad_out, one pass (the pooling backward's memory floor)" in rows
     fixed = "block fwd+bwd at 4x32x2x2, after a sum over x (the part that does not scale with x)"
     assert float(rows[fixed]) > 0
