@@ -358,7 +358,10 @@ def product_tiles(request: pytest.FixtureRequest):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("kind", TRANSFORM_KINDS, ids=lambda k: "-".join(
     name for name, on in zip(("norm", "relu", "sigmoid"), k) if on) or "plain")
-@pytest.mark.parametrize("B, C, H", [(32, 256, 16), (5, 64, 32), (3, 37, 5), (1, 8, 3), (9, 130, 13)])
+# (32, 1100, 24): the 64-byte products' column chunks (with a remainder) and their transposed second
+# product; (17, 600, 40): chunks with an odd row, tiles of 8, 4 and 1 rows.
+@pytest.mark.parametrize("B, C, H", [(32, 256, 16), (5, 64, 32), (3, 37, 5), (1, 8, 3), (9, 130, 13), (32, 1100, 24),
+                                     (17, 600, 40)])
 def test_transform_kernels_match_the_modules_and_autograd(B: int, C: int, H: int, kind: tuple, dtype,
                                                           product_tiles: bool) -> None:
     norm, relu, sigmoid = kind
