@@ -69,7 +69,7 @@ struct Lanes;
 template <>
 struct Lanes<float> {
   static constexpr int kWidth = 8;
-  static constexpr int kTileRows = 4;
+  static constexpr int kTileRows = 4;  // rows of an outer-product tile: 4 x 2 accumulators of AVX2's 16 registers
   typedef float Vec __attribute__((vector_size(32)));
   typedef int32_t Mask __attribute__((vector_size(32)));
 
@@ -108,7 +108,7 @@ template <typename T>
 struct WideLanes {
   using Narrow = Lanes<T>;
   static constexpr int kWidth = 2 * Narrow::kWidth;
-  static constexpr int kTileRows = 8;
+  static constexpr int kTileRows = 8;  // 8 x 2 accumulators of AVX-512's 32 registers
   typedef T Vec __attribute__((vector_size(64)));
 
   // Lane r of the result: the sum of a[r]'s lanes (each folded to a narrow vector first).
