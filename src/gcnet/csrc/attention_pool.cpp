@@ -69,7 +69,7 @@ struct Lanes;
 template <>
 struct Lanes<float> {
   static constexpr int kWidth = 8;
-  static constexpr int kTileRows = 4;  // rows of an outer-product tile: 4 x 2 accumulators of AVX2's 16 registers
+  static constexpr int kTileRows = 6;  // rows of an outer-product tile: 6 x 2 accumulators of AVX2's 16 registers
   typedef float Vec __attribute__((vector_size(32)));
   typedef int32_t Mask __attribute__((vector_size(32)));
 
@@ -91,7 +91,7 @@ struct Lanes<float> {
 template <>
 struct Lanes<double> {
   static constexpr int kWidth = 4;
-  static constexpr int kTileRows = 4;
+  static constexpr int kTileRows = 6;
   typedef double Vec __attribute__((vector_size(32)));
   typedef int64_t Mask __attribute__((vector_size(32)));
 
@@ -567,7 +567,7 @@ GCNET_INLINE void axpy_tile(const T* coef, int64_t si, int64_t sk, const T* src,
 
 // out[i][n] = sum_k coef[i * si + k * sk] src[k][n] for rows i in [i0, i1), src (K, Nc): a product
 // whose left factor may be transposed (weight gradients: coef^T src; input gradients: coef w).
-// Tiles of L::kTileRows rows by 2 vectors of columns (then 4 rows, then 1).
+// Tiles of L::kTileRows rows by 2 vectors of columns (the last rows in tiles of 4, [2,] 1).
 template <typename T, typename L>
 GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i0,
                             int64_t i1, T* out) {
@@ -583,6 +583,8 @@ GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src,
         r = kI;
       }
       for (; kI > 4 && r + 4 <= rows; r += 4) axpy_tile<T, L, 4>(coef, si, sk, src, K, Nc, i + r, n, out);
+      if constexpr (kI % 4 != 0)
+        for (; r + 2 <= rows; r += 2) axpy_tile<T, L, 2>(coef, si, sk, src, K, Nc, i + r, n, out);
       for (; r < rows; ++r) axpy_tile<T, L, 1>(coef, si, sk, src, K, Nc, i + r, n, out);
     }
     for (int r = 0; r < rows; ++r) {
