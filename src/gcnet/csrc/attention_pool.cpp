@@ -567,7 +567,8 @@ GCNET_INLINE void axpy_tile(const T* coef, int64_t si, int64_t sk, const T* src,
 
 // out[i][n] = sum_k coef[i * si + k * sk] src[k][n] for rows i in [i0, i1), src (K, Nc): a product
 // whose left factor may be transposed (weight gradients: coef^T src; input gradients: coef w).
-// Tiles of L::kTileRows rows by 2 vectors of columns (the last rows in tiles of 4, [2,] 1).
+// Tiles of L::kTileRows rows by 2 vectors of columns; the last rows in tiles of 4, of 2 (where
+// kTileRows is not a multiple of 4), then of 1.
 template <typename T, typename L>
 GCNET_INLINE void axpy_rows(const T* coef, int64_t si, int64_t sk, const T* src, int64_t K, int64_t Nc, int64_t i0,
                             int64_t i1, T* out) {
