@@ -3,6 +3,8 @@
 They need torch at build time: `pip install --no-build-isolation .` after torch (the Makefile does
 this). Without torch, off Linux, with GCNET_NATIVE=0, or when the compiler fails, gcnet installs
 without them and the blocks run their PyTorch paths, which compute the same numbers.
+GCNET_KERNEL_ISA=avx2 builds them for AVX2 only (no AVX-512 clones): with PyTorch held to AVX2 too
+(ATEN_CPU_CAPABILITY=avx2), an AVX-512 machine then runs the code an AVX2 machine would.
 """
 
 from __future__ import annotations
@@ -30,10 +32,13 @@ def native_extension() -> dict:
                 print(f"gcnet: building the CPU kernels failed ({error}); installing without them", file=sys.stderr)
                 self.extensions = []  # nothing for the install steps to copy
 
+    isa = os.environ.get("GCNET_KERNEL_ISA", "")
+    if isa not in ("", "avx2"):
+        raise SystemExit(f"GCNET_KERNEL_ISA: expected 'avx2' or unset (every ISA), got {isa!r}")
     kernels = CppExtension(
         "gcnet._C",
         ["src/gcnet/csrc/attention_pool.cpp"],
-        extra_compile_args=["-O3", "-fopenmp"],
+        extra_compile_args=["-O3", "-fopenmp"] + (["-DGCNET_AVX2_ONLY"] if isa else []),
         extra_link_args=["-fopenmp"],
     )
     return {"ext_modules": [kernels], "cmdclass": {"build_ext": OptionalBuild}}

@@ -182,6 +182,15 @@ def test_the_header_names_the_machine() -> None:
     assert "logical cores" in info["cpu"]
     if platform.machine() == "x86_64" and platform.system() == "Linux":  # family and model tell Zen 3 from 5
         assert re.search(r"\(family \d+, model \d+\)", info["cpu"]), info["cpu"]
+    from gcnet.blocks import _fused
+
+    kernels = info["gcnet CPU kernels"]
+    if _fused.native_kernels_available():  # which code the build holds (GCNET_KERNEL_ISA=avx2: AVX2's only)
+        assert kernels == f"built for {_fused._native.built_for}", kernels
+        assert _fused._native.built_for in {"x86-64-v4, v3 and baseline clones", "x86-64-v3 only",
+                                            "the compiler's default"}
+    else:
+        assert kernels.startswith("not built")
 
 
 def test_allocator_benchmark_runs_each_allocator_in_its_own_process() -> None:

@@ -31,13 +31,20 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && defined(GCNET_AVX2_ONLY)
+// GCNET_KERNEL_ISA=avx2 (setup.py): an AVX2 machine's code, to check it where AVX-512 is present.
+#define GCNET_CLONES __attribute__((target("arch=x86-64-v3")))
+#define GCNET_AVX512 0
+#define GCNET_ISA "x86-64-v3 only"
+#elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
 // One build runs everywhere; the loader picks the widest vector unit the CPU has.
 #define GCNET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define GCNET_AVX512 1
+#define GCNET_ISA "x86-64-v4, v3 and baseline clones"
 #else
 #define GCNET_CLONES
 #define GCNET_AVX512 0
+#define GCNET_ISA "the compiler's default"
 #endif
 #define GCNET_INLINE inline __attribute__((always_inline))
 #if defined(__GNUC__) && !defined(__clang__)
@@ -1076,6 +1083,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       },
       "whether the transforms' products take 64-byte (AVX-512) tiles; `enable` sets it (for tests)",
       py::arg("enable") = py::none());
+  m.attr("built_for") = GCNET_ISA;
   m.def("transform_forward", &transform_forward,
         "out (B, Co) = W2 act(W1 context + b1) + b2 [sigmoid], act = [LayerNorm] [ReLU]; with hidden and norm stats",
         py::arg("context"), py::arg("w1"), py::arg("b1"), py::arg("ln_w"), py::arg("ln_b"), py::arg("eps"),
