@@ -87,10 +87,8 @@ def environment() -> dict[str, str]:
     from gcnet.blocks import _fused, native_kernels_available
 
     built_for = getattr(_fused._native, "built_for", None)  # absent in an older gcnet (compare)
-    info["gcnet CPU kernels"] = (
-        "not built (PyTorch paths)" if not native_kernels_available() else f"built for {built_for}" if built_for
-        else "built"
-    )
+    built = "built" + (f" for {built_for}" if built_for else "")
+    info["gcnet CPU kernels"] = built if native_kernels_available() else "not built (PyTorch paths)"
     describe = getattr(_fused, "describe_onednn_products", None)  # absent in an older gcnet (compare)
     info["NL products"] = describe() if describe is not None else "not probed by this gcnet"
     try:
