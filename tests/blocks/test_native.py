@@ -278,6 +278,23 @@ def test_inference_matches_the_paper_formula(spy: Spy, shape: tuple, channels_la
         torch.testing.assert_close(out, block(x), rtol=1e-12, atol=1e-12)
 
 
+@needs_kernels
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
+def test_average_pooling_sums_through_the_kernel_in_channels_last(spy: Spy, channels_last: bool) -> None:
+    block = randomize_(SqueezeExcite(16, 4)).double().eval()
+    x = laid_out(torch.randn(4, 16, 5, 6, dtype=torch.float64), channels_last)
+    with torch.no_grad():
+        out = block(x)
+    assert spy.calls["position_sums"] == int(channels_last)
+    with native_kernels(False), torch.no_grad():
+        torch.testing.assert_close(out, block(x), rtol=1e-12, atol=1e-12)
+    spy.calls.clear()
+    x.requires_grad_(True)
+    block.context(x).sum().backward()  # a gradient wanted: torch's mean, which builds the graph
+    assert not spy.calls["position_sums"]
+    torch.testing.assert_close(x.grad, torch.full_like(x, 1 / 30))
+
+
 @pytest.mark.parametrize("kernels", [True, False], ids=["cpu-kernels", "pytorch"])
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels-last"])
 @pytest.mark.parametrize("shape", SMALL_SHAPES, ids=lambda s: "x".join(map(str, s)))

@@ -236,9 +236,10 @@ def position_sums(positions: Tensor, mean: bool = False) -> Tensor:
     memory, where torch's reduction over the strided positions took 1.4-3.3x a pass over x (Zen 5);
     torch's op elsewhere.
 
-    Builds no graph: for values that need no gradient (an autograd function's forward or backward).
+    Through the kernel only where no gradient is wanted (it builds no graph).
     """
-    if _transposed_is_dense(positions) and _use_native(positions):
+    wants_grad = torch.is_grad_enabled() and positions.requires_grad
+    if not wants_grad and _transposed_is_dense(positions) and _use_native(positions):
         sums = _native.position_sums(positions)
         return sums / positions.shape[-1] if mean else sums
     return positions.mean(dim=-1) if mean else positions.sum(dim=-1)

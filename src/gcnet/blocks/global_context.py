@@ -29,6 +29,7 @@ from gcnet.blocks._fused import (
     attention_pool,
     fuse,
     fused_enabled,
+    position_sums,
     residual_relu,
 )
 
@@ -199,7 +200,7 @@ class GlobalContext(nn.Module):
 
     def _pool(self, positions: Tensor) -> Tensor:
         if self.key is None:
-            return positions.mean(dim=-1)  # (B, C)
+            return position_sums(positions, mean=True)  # (B, C)
         return attention_pool(positions, self.key.weight, self.key.bias)[1]  # (B, C)
 
     def forward(self, x: Tensor) -> Tensor:
