@@ -31,16 +31,18 @@
 #include <optional>
 #include <vector>
 
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__)) && defined(GCNET_AVX2_ONLY)
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(GCNET_AVX2_ONLY)
 // GCNET_KERNEL_ISA=avx2 (setup.py): an AVX2 machine's code, to check it where AVX-512 is present.
 #define GCNET_CLONES __attribute__((target("arch=x86-64-v3")))
 #define GCNET_AVX512 0
 #define GCNET_ISA "x86-64-v3 only"
-#elif defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#else
 // One build runs everywhere; the loader picks the widest vector unit the CPU has.
 #define GCNET_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define GCNET_AVX512 1
 #define GCNET_ISA "x86-64-v4, v3 and baseline clones"
+#endif
 #else
 #define GCNET_CLONES
 #define GCNET_AVX512 0
@@ -269,14 +271,14 @@ GCNET_INLINE void pool_forward(const T* x, int64_t C, int64_t N, int64_t P, cons
   softmax.finish(context, C, alpha, N, P, maxes);
 }
 
-// grad_x = grad_out [* gate] + grad_context alpha_j + w dl_j over [j0, j0 + n); alpha and dl point
-// at the block. It does not read x: this pass streams grad_out and grad_x alone.
+// grad_x = grad_out [* gate] + grad_context alpha_j + w dl_j over one sample. It does not read x:
+// this pass streams grad_out and grad_x alone.
 template <typename T, bool kChannelsLast, bool kGate>
-GCNET_INLINE void block_grad_x(const T* grad_out, int64_t C, int64_t N, int64_t j0, int64_t n, const T* w,
-                               const T* gate, const T* alpha, const T* grad_context, const T* dl, T* grad_x) {
+GCNET_INLINE void sample_grad_x(const T* grad_out, int64_t C, int64_t N, const T* w, const T* gate, const T* alpha,
+                                const T* grad_context, const T* dl, T* grad_x) {
   if constexpr (kChannelsLast) {
-    for (int64_t j = 0; j < n; ++j) {
-      const int64_t offset = (j0 + j) * C;
+    for (int64_t j = 0; j < N; ++j) {
+      const int64_t offset = j * C;
       const T* g = grad_out + offset;
       T* out = grad_x + offset;
       const T a = alpha[j];
@@ -287,9 +289,9 @@ GCNET_INLINE void block_grad_x(const T* grad_out, int64_t C, int64_t N, int64_t 
   } else {
     using V = typename Lanes<T>::Vec;
     constexpr int W = Lanes<T>::kWidth;
-    const int64_t whole = n - n % W;
+    const int64_t whole = N - N % W;
     for (int64_t c = 0; c < C; ++c) {
-      const int64_t offset = c * N + j0;
+      const int64_t offset = c * N;
       const T* g = grad_out + offset;
       T* out = grad_x + offset;
       const T d = grad_context[c];
@@ -299,7 +301,7 @@ GCNET_INLINE void block_grad_x(const T* grad_out, int64_t C, int64_t N, int64_t 
         const V gj = load<V>(g + j);
         store(out + j, (kGate ? gj * s : gj) + d * load<V>(alpha + j) + wc * load<V>(dl + j));
       }
-      for (int64_t j = whole; j < n; ++j) out[j] = (kGate ? g[j] * s : g[j]) + d * alpha[j] + wc * dl[j];
+      for (int64_t j = whole; j < N; ++j) out[j] = (kGate ? g[j] * s : g[j]) + d * alpha[j] + wc * dl[j];
     }
   }
 }
@@ -318,7 +320,7 @@ GCNET_INLINE void pool_backward(const T* x, const T* grad_out, int64_t C, int64_
     block_accumulate<T, kChannelsLast>(x, C, N, j0, n, dl, T(1), grad_w);  // x's block again, while in cache
   }
   // Whole rows: the two streams keep the prefetcher's pace.
-  block_grad_x<T, kChannelsLast, kGate>(grad_out, C, N, 0, N, w, gate, alpha, grad_context, grad_logits, grad_x);
+  sample_grad_x<T, kChannelsLast, kGate>(grad_out, C, N, w, gate, alpha, grad_context, grad_logits, grad_x);
 }
 
 // sums (C) = sum_j grad_out_j and products (C) = sum_j grad_out_j * x_j over one sample; without
